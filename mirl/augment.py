@@ -1,0 +1,179 @@
+"""Augmentation of whole batches on the training device, with random parameters drawn per image.
+
+Data-loader workers only decode files into uint8 tensors; the crop, flip, rotation, intensity
+jitter and blur of every view happen here in a few batched tensor operations. Each image draws its
+own parameters (a torchvision transform applied to a batch tensor would draw one set for all).
+
+Two families of recipes: the papers' (colour jitter, grayscale, blur, for RGB images) and the CT/MR
+ones (crop, flip, a small rotation and brightness/contrast of the windowed image: hue and saturation
+mean nothing on a grey-scale scan).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+REFERENCE_SIZE = 224  # blur sigmas in the papers are in pixels of a 224-pixel image
+
+
+@dataclass(frozen=True)
+class AugmentRecipe:
+    """Ranges of the random transforms; a zero strength or probability switches a transform off."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    rotation_degrees: float = 0.0
+    jitter_p: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+
+RECIPES: dict[str, AugmentRecipe] = {
+    # He et al. 2020, MoCo v1
+    "moco": AugmentRecipe(crop_scale=(0.2, 1.0), jitter_p=1.0, brightness=0.4, contrast=0.4, saturation=0.4,
+                          hue=0.4, grayscale_p=0.2),
+    # Chen et al. 2020, MoCo v2: weaker hue, jitter with p 0.8, Gaussian blur
+    "mocov2": AugmentRecipe(crop_scale=(0.2, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4,
+                            hue=0.1, grayscale_p=0.2, blur_p=0.5),
+    # Chen et al. 2020, SimCLR (colour strength s = 1)
+    "simclr": AugmentRecipe(crop_scale=(0.08, 1.0), jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8,
+                            hue=0.2, grayscale_p=0.2, blur_p=0.5),
+    # fine-tuning: mild crop and flip only
+    "finetune": AugmentRecipe(crop_scale=(0.7, 1.0), flip_p=0.5),
+}
+
+
+def recipe_for(method: str, style: str) -> AugmentRecipe:
+    """The paper recipe of `method`, or (style "ct") its grey-scale form: window-like brightness and
+    contrast and a small rotation in place of colour jitter and grayscale."""
+    paper = RECIPES[method]
+    if style == "paper" or method == "finetune":
+        return paper
+    return replace(paper, saturation=0.0, hue=0.0, grayscale_p=0.0, rotation_degrees=10.0,
+                   brightness=min(paper.brightness, 0.4), contrast=min(paper.contrast, 0.4))
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0, 1] float batch to the ImageNet-normalised float input torchvision models expect."""
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+class BatchAugment(torch.nn.Module):
+    """Applies one recipe to a uint8 batch B x 3 x H x W, each image with its own random draw."""
+
+    def __init__(self, recipe: AugmentRecipe, output_size: int) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self.output_size = output_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0)
+        x = self._crop_flip_rotate(x)
+        x = self._jitter(x)
+        x = self._grayscale(x)
+        x = self._blur(x)
+        return normalize(x.clamp_(0.0, 1.0))
+
+    def _uniform(self, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
+        return torch.empty(n, device=device).uniform_(low, high)
+
+    def _chance(self, n: int, p: float, device: torch.device) -> torch.Tensor:
+        return torch.rand(n, device=device) < p
+
+    def _crop_flip_rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Random resized crop, horizontal flip and rotation as one affine resampling per image."""
+        r, n, device = self.recipe, x.shape[0], x.device
+        area = self._uniform(n, *r.crop_scale, device)
+        log_ratio = self._uniform(n, math.log(r.crop_ratio[0]), math.log(r.crop_ratio[1]), device)
+        width = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)
+        height = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
+        centre_x = (torch.rand(n, device=device) * 2 - 1) * (1 - width)
+        centre_y = (torch.rand(n, device=device) * 2 - 1) * (1 - height)
+        flip = torch.where(self._chance(n, r.flip_p, device), -1.0, 1.0)
+        angle = self._uniform(n, -r.rotation_degrees, r.rotation_degrees, device) * (math.pi / 180)
+        cos, sin = angle.cos(), angle.sin()
+        theta = torch.stack([
+            torch.stack([width * cos * flip, -width * sin, centre_x], dim=1),
+            torch.stack([height * sin * flip, height * cos, centre_y], dim=1),
+        ], dim=1)
+        grid = F.affine_grid(theta, [n, x.shape[1], self.output_size, self.output_size], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def _jitter(self, x: torch.Tensor) -> torch.Tensor:
+        """Brightness, contrast, saturation and hue, each with its own factor per image."""
+        r, n, device = self.recipe, x.shape[0], x.device
+        if r.jitter_p <= 0:
+            return x
+        apply = self._chance(n, r.jitter_p, device).view(n, 1, 1, 1)
+        out = x
+        if r.brightness > 0:
+            out = out * self._uniform(n, 1 - r.brightness, 1 + r.brightness, device).view(n, 1, 1, 1)
+        if r.contrast > 0:
+            mean = luminance(out).mean(dim=(1, 2, 3), keepdim=True)
+            factor = self._uniform(n, 1 - r.contrast, 1 + r.contrast, device).view(n, 1, 1, 1)
+            out = (out - mean) * factor + mean
+        if r.saturation > 0:
+            grey = luminance(out)
+            factor = self._uniform(n, 1 - r.saturation, 1 + r.saturation, device).view(n, 1, 1, 1)
+            out = (out - grey) * factor + grey
+        if r.hue > 0:
+            out = rotate_hue(out, self._uniform(n, -r.hue, r.hue, device))
+        return torch.where(apply, out.clamp(0.0, 1.0), x)
+
+    def _grayscale(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recipe.grayscale_p <= 0:
+            return x
+        apply = self._chance(x.shape[0], self.recipe.grayscale_p, x.device).view(-1, 1, 1, 1)
+        return torch.where(apply, luminance(x).expand_as(x), x)
+
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        """Separable Gaussian blur with a sigma drawn per image (scaled from 224-pixel terms)."""
+        r, (n, c, h, w) = self.recipe, x.shape
+        if r.blur_p <= 0:
+            return x
+        scale = self.output_size / REFERENCE_SIZE
+        sigma = self._uniform(n, *r.blur_sigma, x.device) * scale
+        radius = max(1, math.ceil(3 * r.blur_sigma[1] * scale))
+        offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+        kernel = torch.exp(-offsets[None, :] ** 2 / (2 * sigma[:, None] ** 2))
+        kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
+        flat = x.reshape(1, n * c, h, w)
+        flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, -1),
+                        groups=n * c)
+        flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernel.view(n * c, 1, -1, 1),
+                        groups=n * c)
+        apply = self._chance(n, r.blur_p, x.device).view(n, 1, 1, 1)
+        return torch.where(apply, flat.view(n, c, h, w), x)
+
+
+def luminance(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of an RGB batch, B x 1 x H x W."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def rotate_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Shift hue by `shift` turns per image: a rotation of the chroma plane in YIQ space."""
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                          device=x.device, dtype=x.dtype)
+    angle = shift * 2 * math.pi
+    cos, sin = angle.cos(), angle.sin()
+    one, zero = torch.ones_like(cos), torch.zeros_like(cos)
+    rotation = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
+                            torch.stack([zero, sin, cos], 1)], 1)
+    matrix = torch.linalg.inv(to_yiq) @ rotation @ to_yiq
+    return torch.einsum("nij,njhw->nihw", matrix, x)

@@ -1,0 +1,95 @@
+"""torch.distributed glue: process-group set-up under torchrun and the collectives the methods need.
+
+Every function also works in a single process, where the collectives reduce to the identity, so the
+methods are written once for one device and many.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def init_from_environment(device: torch.device) -> None:
+    """Join the process group torchrun describes in the environment (nccl on CUDA, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@torch.no_grad()
+def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally shaped tensors from all ranks along dim 0 (no gradient)."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends each rank the summed gradient of its own slice.
+
+    A plain all_gather is not differentiable: a loss over gathered negatives would then train only
+    on the local half of the similarities.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.batch = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[rank() * ctx.batch:(rank() + 1) * ctx.batch]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally shaped tensors from all ranks along dim 0, gradients flowing back."""
+    return _GatherWithGrad.apply(tensor) if is_distributed() else tensor
+
+
+@torch.no_grad()
+def shuffle_across_ranks(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of a batch shuffled across all ranks, and the permutation to undo it.
+
+    MoCo's shuffle-BN: the key encoder sees a different mix of images in each BatchNorm than the
+    query encoder, so the batch statistics cannot give away which key matches which query.
+    """
+    everything = gather_no_grad(batch)
+    permutation = torch.randperm(everything.shape[0], device=batch.device)
+    if is_distributed():
+        dist.broadcast(permutation, src=0)
+    local = permutation.view(world_size(), -1)[rank()]
+    return everything[local], torch.argsort(permutation)
+
+
+@torch.no_grad()
+def unshuffle_across_ranks(batch: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Undo `shuffle_across_ranks` on the key encoder's output."""
+    everything = gather_no_grad(batch)
+    return everything[inverse.view(world_size(), -1)[rank()]]

@@ -1,0 +1,66 @@
+"""Evaluation metrics, each computed once here: ROC AUC, the RSNA weighted log loss, accuracy and
+balanced accuracy. A class with no positive (or no negative) example in a split has no AUC and no
+recall: it is reported as absent (None), never as 0 and never as a crash.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+PROBABILITY_FLOOR = 1e-7
+
+
+def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float | None:
+    """Area under the ROC curve as the Mann-Whitney U statistic (ties count one half); None if one class is absent."""
+    y_true = np.asarray(y_true).astype(bool)
+    positives, negatives = int(y_true.sum()), int((~y_true).sum())
+    if positives == 0 or negatives == 0:
+        return None
+    ranks = rankdata(score)
+    u = ranks[y_true].sum() - positives * (positives + 1) / 2.0
+    return float(u / (positives * negatives))
+
+
+def weighted_log_loss(y_true: np.ndarray, probability: np.ndarray, weights: np.ndarray) -> float:
+    """Per image, the class-weighted binary cross-entropy divided by the weights' sum; mean over images.
+
+    With RSNA's weights (2 for `any`, 1 per subtype) this is the Kaggle competition metric,
+    normalised by 7, not by the 6 classes a plain weighted BCE mean would divide by.
+    """
+    p = np.clip(probability, PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
+    per_class = -(y_true * np.log(p) + (1 - y_true) * np.log(1 - p))
+    return float(((per_class * weights).sum(axis=1) / weights.sum()).mean())
+
+
+def multilabel_metrics(y_true: np.ndarray, probability: np.ndarray, classes: tuple[str, ...]) -> dict:
+    """AUC per class, their macro mean over classes present, and the weighted log loss."""
+    auc = {c: roc_auc(y_true[:, i], probability[:, i]) for i, c in enumerate(classes)}
+    present = [v for v in auc.values() if v is not None]
+    weights = np.array([2.0 if c == "any" else 1.0 for c in classes])
+    return {
+        "auc_macro": float(np.mean(present)) if present else None,
+        "auc": auc,
+        "weighted_log_loss": weighted_log_loss(y_true, probability, weights),
+        "n_images": int(len(y_true)),
+    }
+
+
+def singlelabel_metrics(y_true: np.ndarray, probability: np.ndarray, classes: tuple[str, ...]) -> dict:
+    """Accuracy, balanced accuracy (mean recall over classes present) and one-vs-rest AUC per class."""
+    truth = y_true.argmax(axis=1)
+    predicted = probability.argmax(axis=1)
+    recall = {}
+    for i, c in enumerate(classes):
+        members = truth == i
+        recall[c] = float((predicted[members] == i).mean()) if members.any() else None
+    present = [v for v in recall.values() if v is not None]
+    auc = {c: roc_auc(truth == i, probability[:, i]) for i, c in enumerate(classes)}
+    present_auc = [v for v in auc.values() if v is not None]
+    return {
+        "accuracy": float((predicted == truth).mean()),
+        "balanced_accuracy": float(np.mean(present)) if present else None,
+        "recall": recall,
+        "auc": auc,
+        "auc_macro": float(np.mean(present_auc)) if present_auc else None,
+        "n_images": int(len(y_true)),
+    }

@@ -1,0 +1,141 @@
+"""Patient-grouped, stratified, nested label-fraction splits, written once as text files.
+
+`python -m mirl.splits rsna --data-root DIR --out DIR` writes `test.txt`, `val.txt` and
+`train100F.txt` ... `train1F.txt` (one image id per line). Test and val are fixed; each smaller
+training fraction is drawn from the one above it (1 % inside 5 % inside 10 % ...), so every method at
+every fraction sees the same images. Slices of one patient always stay on one side of every split.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mirl.datasets import DATASETS, DatasetDescription, ImageRecord
+from mirl.errors import DataError, InputError
+
+FRACTIONS = (100, 50, 20, 10, 5, 1)
+TEST_PROPORTION = 0.2
+VAL_PROPORTION = 0.1
+SPLIT_SEED = 0
+
+
+def split_file_names() -> list[str]:
+    return ["test.txt", "val.txt"] + [f"train{f}F.txt" for f in FRACTIONS]
+
+
+def stratified_group_partition(group_counts: np.ndarray, group_sizes: np.ndarray, proportions: list[float],
+                               rng: np.random.Generator) -> np.ndarray:
+    """Assign each group to one of len(proportions) subsets so every class is spread in proportion.
+
+    Iterative stratification (Sechidis et al. 2011) over groups instead of samples: take the class
+    with the fewest examples still unassigned, hand each group holding it to the subset that most
+    lacks that class, and repeat. `group_counts` is groups x classes (positive images per group).
+    """
+    proportions_arr = np.asarray(proportions, dtype=np.float64)
+    wanted = proportions_arr[:, None] * group_counts.sum(axis=0)[None, :]
+    wanted_total = proportions_arr * group_sizes.sum()
+    assignment = np.full(len(group_counts), -1)
+    jitter = rng.random(len(proportions))  # random but fixed tie-break between subsets
+
+    def best_subset(scores: np.ndarray) -> int:
+        return int(np.lexsort((jitter, wanted_total, scores))[-1])
+
+    def assign(group: int, subset: int) -> None:
+        assignment[group] = subset
+        wanted[subset] -= group_counts[group]
+        wanted_total[subset] -= group_sizes[group]
+
+    while True:
+        open_groups = np.flatnonzero(assignment < 0)
+        remaining = group_counts[open_groups].sum(axis=0)
+        if not (remaining > 0).any():
+            break
+        rarest = int(np.argmin(np.where(remaining > 0, remaining, np.inf)))
+        holders = open_groups[group_counts[open_groups, rarest] > 0]
+        for group in rng.permutation(holders):
+            assign(int(group), best_subset(wanted[:, rarest]))
+    for group in rng.permutation(np.flatnonzero(assignment < 0)):
+        assign(int(group), best_subset(wanted_total))
+    return assignment
+
+
+def label_fraction_split(labels: np.ndarray, groups: list[str], seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
+    """Indices of test, val and each nested training fraction (`train100F` ... `train1F`)."""
+    group_ids, group_of_image = np.unique(np.asarray(groups), return_inverse=True)
+    # "no finding" is a class of its own, so negatives are spread in proportion too
+    with_none = np.concatenate([labels, (labels.sum(axis=1) == 0)[:, None]], axis=1).astype(np.float64)
+    counts = np.zeros((len(group_ids), with_none.shape[1]))
+    np.add.at(counts, group_of_image, with_none)
+    sizes = np.bincount(group_of_image, minlength=len(group_ids)).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    if len(group_ids) < 3:
+        raise DataError(f"splitting needs at least 3 patients, found {len(group_ids)}")
+    first = stratified_group_partition(counts, sizes, [1 - TEST_PROPORTION - VAL_PROPORTION, VAL_PROPORTION,
+                                                      TEST_PROPORTION], rng)
+    chosen = {"train100F": np.flatnonzero(first == 0), "val": np.flatnonzero(first == 1),
+              "test": np.flatnonzero(first == 2)}
+    previous, previous_fraction = chosen["train100F"], 100
+    for fraction in FRACTIONS[1:]:
+        keep = fraction / previous_fraction
+        inner = stratified_group_partition(counts[previous], sizes[previous], [keep, 1 - keep], rng)
+        subset = previous[inner == 0] if (inner == 0).any() else previous[:1]
+        chosen[f"train{fraction}F"] = subset
+        previous, previous_fraction = subset, fraction
+    in_group = {name: np.isin(group_of_image, g) for name, g in chosen.items()}
+    return {name: np.flatnonzero(mask) for name, mask in in_group.items()}
+
+
+def read_split(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def make_splits(description: DatasetDescription, records: list[ImageRecord], split_dir: Path) -> None:
+    """Read each image's patient, split, and write the split files."""
+    groups = [description.patient_group(r) for r in tqdm(records, desc="reading patients for splits", unit="img")]
+    labels = np.stack([r.labels for r in records])
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for name, indices in label_fraction_split(labels, groups).items():
+        (split_dir / f"{name}.txt").write_text("".join(f"{records[i].image_id}\n" for i in indices))
+
+
+def load_splits(description: DatasetDescription, records: list[ImageRecord], split_dir: Path) -> dict[str, list[str]]:
+    """The split files in `split_dir`, made from `records` on first use, checked against the data."""
+    if not all((split_dir / name).is_file() for name in split_file_names()):
+        make_splits(description, records, split_dir)
+    known = {r.image_id for r in records}
+    splits = {}
+    for name in split_file_names():
+        ids = read_split(split_dir / name)
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise DataError(f"{split_dir / name} names {len(unknown)} images that are not in the data "
+                            f"(first: {unknown[0]}); these splits belong to other data: pass another --split-dir")
+        splits[name.removesuffix(".txt")] = ids
+    return splits
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mirl.splits", description=__doc__.splitlines()[0])
+    parser.add_argument("dataset", choices=sorted(DATASETS))
+    parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the split files")
+    args = parser.parse_args(argv)
+    description = DATASETS[args.dataset]
+    try:
+        description.check_root(args.data_root)
+        records = description.find_labelled(args.data_root)
+        make_splits(description, records, args.out)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for name in split_file_names():
+        print(f"{name:16s} {len(read_split(args.out / name)):7d} images")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
