@@ -161,7 +161,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
         record = self.records[index]
-        labels = torch.zeros(self.num_classes) if record.labels is None else torch.from_numpy(record.labels)
+        labels = torch.zeros(self.num_classes) if record.labels is None else torch.tensor(record.labels)
         try:
             array = self.decode(record.path)
         except UnreadableImageError:

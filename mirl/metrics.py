@@ -64,3 +64,15 @@ def singlelabel_metrics(y_true: np.ndarray, probability: np.ndarray, classes: tu
         "auc_macro": float(np.mean(present_auc)) if present_auc else None,
         "n_images": int(len(y_true)),
     }
+
+
+def evaluate(y_true: np.ndarray, probability: np.ndarray, classes: tuple[str, ...], multilabel: bool) -> dict:
+    """The dataset's metrics: multi-label AUCs and log loss, or single-label accuracies."""
+    if multilabel:
+        return multilabel_metrics(y_true, probability, classes)
+    return singlelabel_metrics(y_true, probability, classes)
+
+
+def primary_metric(multilabel: bool) -> str:
+    """The number model selection maximises: macro AUC (multi-label) or balanced accuracy."""
+    return "auc_macro" if multilabel else "balanced_accuracy"

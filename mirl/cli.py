@@ -1,0 +1,128 @@
+"""The scripts' edge: command-line flags, their checks, and turning input errors into one line.
+
+Each dataset folder's five scripts call `pretrain_script` or `downstream_script` with the dataset and
+method they bind; defaults for data, splits and outputs live next to the script.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, NoReturn
+
+from mirl.datasets import DATASETS
+from mirl.errors import InputError
+from mirl.models import ENCODERS
+from mirl.splits import FRACTIONS
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line on stderr (exit code 2), without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epochs: int) -> None:
+    parser.add_argument("--data-root", type=Path, default=folder / "data",
+                        help="dataset folder (default: data/ beside the script)")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="where checkpoint, config.json, metrics and TensorBoard logs go")
+    parser.add_argument("--split-dir", type=Path, default=folder / "splits",
+                        help="label-fraction split files, made on first use (default: splits/ beside the script)")
+    parser.add_argument("--epochs", type=positive_int, default=default_epochs)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--arch", choices=sorted(ENCODERS), default=None,
+                        help="encoder architecture (default resnet50; downstream: the checkpoint's)")
+    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="autocast dtype; auto is bf16 where the device runs it fast")
+    parser.add_argument("--lr", type=positive_float, default=None, help="base learning rate (method default)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.ArgumentParser:
+    from mirl.pretrain import METHODS
+    spec = METHODS[method]
+    parser = OneLineParser(prog=f"{spec.title} pretraining on {dataset}",
+                           description=f"Self-supervised {spec.title} pretraining of an encoder; labels unused.")
+    _common_arguments(parser, folder, spec.epochs)
+    parser.add_argument("--temperature", type=positive_float, default=spec.temperature)
+    parser.add_argument("--optimizer", choices=("sgd", "lars"), default=spec.optimizer)
+    parser.add_argument("--augment", choices=("ct", "paper"), default=None,
+                        help="augmentation recipe: CT/MR grey-scale or the paper's colour one "
+                             "(default: ct for grey-scale datasets)")
+    if spec.queue:
+        parser.add_argument("--queue-size", type=positive_int, default=65536, help="MoCo's K negatives")
+        parser.add_argument("--moco-momentum", type=float, default=0.999, help="key encoder momentum m")
+        parser.add_argument("--bn-splits", type=positive_int, default=8,
+                            help="BatchNorm groups standing in for shuffle-BN on one device")
+    return parser
+
+
+def downstream_parser(dataset: str, method: str, folder: Path) -> argparse.ArgumentParser:
+    from mirl.pretrain import METHODS
+    spec = METHODS[method]
+    parser = OneLineParser(prog=f"{spec.title} downstream on {dataset}",
+                           description="Train a classifier on a label fraction: from the pretrained encoder "
+                                       "(fine-tune, or --frozen linear probe) or a supervised ResNet (--resnet).")
+    _common_arguments(parser, folder, 0)
+    parser.set_defaults(epochs=None)
+    parser.add_argument("--pretrained", type=Path, default=folder / "runs" / method / "checkpoint.pth",
+                        help=f"checkpoint written by {spec.script}")
+    parser.add_argument("--fraction", type=int, choices=FRACTIONS, default=100, help="percent of training labels")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--frozen", action="store_true", help="train only a linear head on the frozen encoder")
+    mode.add_argument("--resnet", action="store_true", help="supervised baseline without self-supervised pretraining")
+    parser.add_argument("--init-weights", type=Path, default=None,
+                        help="with --resnet: a local torchvision state dict to start from (never downloaded)")
+    return parser
+
+
+def guarded(run: Callable[[], None]) -> int:
+    """Run a script body; input errors become `error: ...` on stderr and exit code 2."""
+    try:
+        run()
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except FloatingPointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def pretrain_script(dataset: str, method: str, script_file: str, argv: list[str] | None = None) -> int:
+    """Entry point of trainMoCo.py / trainMoCoV2.py / trainSimCLR.py."""
+    from mirl.pretrain import pretrain
+    folder = Path(script_file).resolve().parent
+    args = pretrain_parser(dataset, method, folder).parse_args(argv)
+    args.output_dir = args.output_dir or folder / "runs" / method
+    return guarded(lambda: pretrain(DATASETS[dataset], method, args))
+
+
+def downstream_script(dataset: str, method: str, script_file: str, argv: list[str] | None = None) -> int:
+    """Entry point of MoCo_downstream.py / MoCov2_downstream.py / SimCLR_downstream.py."""
+    from mirl.downstream import downstream
+    folder = Path(script_file).resolve().parent
+    args = downstream_parser(dataset, method, folder).parse_args(argv)
+    mode = "resnet" if args.resnet else f"{method}_{'frozen' if args.frozen else 'finetune'}"
+    args.output_dir = args.output_dir or folder / "runs" / f"{mode}_{args.fraction}F"
+    return guarded(lambda: downstream(DATASETS[dataset], method, args))

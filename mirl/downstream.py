@@ -1,0 +1,175 @@
+"""Downstream training on a label fraction: fine-tune the pretrained encoder, train a linear probe on
+it frozen (MoCo's linear protocol), or train a supervised torchvision ResNet as the baseline.
+
+The model selected is the epoch with the best validation metric; `metrics.json` holds its test and
+validation metrics.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mirl.augment import RECIPES, BatchAugment
+from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
+from mirl.engine import RunLog, load_checkpoint, make_loader, predict, resolve_device, resolve_precision, \
+    save_checkpoint, seed_everything, train_epochs
+from mirl.errors import CheckpointError, InputError
+from mirl.metrics import evaluate, primary_metric
+from mirl.models import build_classifier
+from mirl.optim import build_scheduler
+from mirl.pretrain import CHECKPOINT_NAME, METHODS, MethodSpec
+from mirl.splits import load_splits
+
+LINEAR_PROBE_LR = 30.0  # MoCo's linear protocol: SGD, lr 30, no weight decay, x0.1 at 60 % and 80 %
+FINETUNE_LR = 1e-3
+FROZEN_EPOCHS, FINETUNE_EPOCHS = 100, 30
+
+
+def pretrained_encoder(method: MethodSpec, args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """The encoder weights of a pretraining checkpoint, checked to come from `method` and `--arch`."""
+    if not args.pretrained.is_file():
+        raise CheckpointError(f"no checkpoint at {args.pretrained}; run {method.script} first "
+                              "or pass --pretrained PATH (or --resnet for the supervised baseline)")
+    checkpoint = load_checkpoint(args.pretrained)
+    found = checkpoint.get("method") if isinstance(checkpoint, dict) else None
+    if found != method.name or "encoder" not in checkpoint:
+        origin = f"a {METHODS[found].title} checkpoint" if found in METHODS else "not a MIRL pretraining checkpoint"
+        raise CheckpointError(f"{args.pretrained} is {origin}; this script needs one written by {method.script}")
+    if args.arch is not None and args.arch != checkpoint["arch"]:
+        raise CheckpointError(f"{args.pretrained} holds a {checkpoint['arch']} encoder but --arch is {args.arch}")
+    args.arch = checkpoint["arch"]
+    return checkpoint["encoder"]
+
+
+def torchvision_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A local torchvision state dict for --init-weights, without its ImageNet classifier."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a torchvision state dict (a mapping of names to tensors)")
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def load_encoder(model: nn.Module, encoder: dict[str, torch.Tensor], source: Path) -> None:
+    """Load encoder weights into a torchvision classifier; only its new `fc` may be left out."""
+    try:
+        missing, unexpected = model.load_state_dict(encoder, strict=False)
+    except RuntimeError as error:
+        raise CheckpointError(f"{source} does not fit the model: {str(error).splitlines()[1].strip()}") from None
+    if unexpected or any(not k.startswith("fc.") for k in missing):
+        raise CheckpointError(f"{source} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def records_of(split: list[str], by_id: dict[str, ImageRecord]) -> list[ImageRecord]:
+    return [by_id[image_id] for image_id in split]
+
+
+def downstream(description: DatasetDescription, method_name: str, args: argparse.Namespace) -> None:
+    """Train and evaluate a classifier on `--fraction` % of the labels; writes metrics.json and checkpoint.pth."""
+    method = METHODS[method_name]
+    if args.init_weights is not None and not args.resnet:
+        raise InputError("--init-weights goes with --resnet; without it the encoder comes from --pretrained")
+    encoder, source = None, None
+    if args.resnet:
+        args.arch = args.arch or "resnet50"
+        if args.init_weights is not None:
+            encoder, source = torchvision_weights(args.init_weights), args.init_weights
+    else:
+        encoder, source = pretrained_encoder(method, args), args.pretrained
+    args.epochs = args.epochs or (FROZEN_EPOCHS if args.frozen else FINETUNE_EPOCHS)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    description.check_root(args.data_root)
+    records = description.find_labelled(args.data_root)
+    splits = load_splits(description, records, args.split_dir)
+    by_id = {r.image_id: r for r in records}
+    train, val, test = (records_of(splits[name], by_id) for name in (f"train{args.fraction}F", "val", "test"))
+    if len(train) < 2:
+        raise InputError(f"the {args.fraction} % split has {len(train)} image; pick a larger --fraction")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    seed_everything(args.seed)
+    classes = description.classes
+    model = build_classifier(args.arch, len(classes))
+    if encoder is not None:
+        load_encoder(model, encoder, source)
+    if args.frozen:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("fc.")
+        nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(model.fc.bias)
+    model = model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if args.frozen:
+        optimizer = torch.optim.SGD(trainable, lr=args.lr or LINEAR_PROBE_LR, momentum=0.9, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=args.lr or FINETUNE_LR, weight_decay=1e-4)
+
+    def dataset(split: list[ImageRecord]) -> ImageDataset:
+        return ImageDataset(split, description.decode, args.image_size, len(classes))
+
+    train_loader = make_loader(dataset(train), min(args.batch_size, len(train)), args.workers, shuffle=True,
+                               drop_last=False, seed=args.seed)
+    val_loader, test_loader = (make_loader(dataset(s), args.batch_size, args.workers, shuffle=False, drop_last=False,
+                                           seed=args.seed) for s in (val, test))
+    scheduler = build_scheduler(optimizer, "step" if args.frozen else "cosine", args.epochs * len(train_loader))
+    augment = BatchAugment(RECIPES["finetune"], args.image_size)
+    log = RunLog(args.output_dir)
+    mode = "resnet" if args.resnet else ("frozen" if args.frozen else "finetune")
+    config = {**vars(args), "method": "supervised" if args.resnet else method.name, "mode": mode,
+              "dataset": description.name, "device": str(device), "precision": str(precision or "fp32"),
+              "train_images": len(train), "val_images": len(val), "test_images": len(test)}
+    log.json("config.json", config)
+
+    def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = model(augment(images)).float()
+        if description.multilabel:
+            return F.binary_cross_entropy_with_logits(logits, labels)
+        return F.cross_entropy(logits, labels.argmax(dim=1))
+
+    selection = primary_metric(description.multilabel)
+    best = {"score": -np.inf, "state": None, "epoch": 0}
+
+    def end_of_epoch(epoch: int) -> dict[str, float]:
+        metrics = evaluate(*predict(model, val_loader, device, precision, description.multilabel), classes,
+                           description.multilabel)
+        for name in ("auc_macro", "accuracy", "balanced_accuracy", "weighted_log_loss"):
+            if metrics.get(name) is not None:
+                log.scalar(f"val/{name}", metrics[name], epoch)
+        score = metrics[selection] if metrics[selection] is not None else -metrics.get("weighted_log_loss", 0.0)
+        if score > best["score"]:
+            best.update(score=score, epoch=epoch + 1,
+                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {f"val_{selection}": metrics[selection]}
+
+    def train_mode() -> None:
+        # the linear protocol keeps the frozen encoder's BatchNorm statistics fixed
+        model.train(not args.frozen)
+
+    train_epochs(model, step_loss, train_loader, optimizer, scheduler, args.epochs, device, precision, log,
+                 end_of_epoch, train_mode)
+    model.load_state_dict(best["state"])
+    if args.frozen:
+        changed = [k for k, v in model.state_dict().items() if not k.startswith("fc.") and
+                   not torch.equal(v.cpu(), encoder[k])]
+        if changed:
+            raise RuntimeError(f"the frozen encoder changed during linear training ({changed[:3]})")
+    results = {split_name: evaluate(*predict(model, loader, device, precision, description.multilabel), classes,
+                                    description.multilabel)
+               for split_name, loader in (("test", test_loader), ("val", val_loader))}
+    results.update(best_epoch=best["epoch"], selected_by=f"val {selection}", mode=mode, fraction=args.fraction,
+                   arch=args.arch, method=config["method"])
+    log.json("metrics.json", results)
+    for name in ("auc_macro", "accuracy", "balanced_accuracy"):
+        if results["test"].get(name) is not None:
+            log.scalar(f"test/{name}", results["test"][name], best["epoch"])
+    save_checkpoint({"method": config["method"], "mode": mode, "arch": args.arch, "dataset": description.name,
+                     "classes": list(classes), "model": model.state_dict(), "best_epoch": best["epoch"]},
+                    args.output_dir / CHECKPOINT_NAME)
+    log.close()
+    print(f"test {selection}: {results['test'][selection]}  (val {selection} {results['val'][selection]}, "
+          f"best epoch {best['epoch']}) -> {args.output_dir / 'metrics.json'}")

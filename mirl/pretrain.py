@@ -1,0 +1,129 @@
+"""Self-supervised pretraining: MoCo v1, MoCo v2 and SimCLR with their papers' defaults.
+
+Labels are never read for training. When the data has a label CSV, the test split is held out so
+the downstream evaluation stays honest; a plain folder of images is used whole.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from mirl import distributed
+from mirl.augment import BatchAugment, recipe_for
+from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
+from mirl.engine import RunLog, make_loader, resolve_device, resolve_precision, save_checkpoint, seed_everything, \
+    train_epochs
+from mirl.errors import InputError
+from mirl.models import MoCo, SimCLR
+from mirl.optim import LARS, build_scheduler, lars_parameter_groups
+from mirl.splits import load_splits
+
+CHECKPOINT_NAME = "checkpoint.pth"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A pretraining method's paper defaults (learning rate per 256 images, scaled linearly)."""
+
+    name: str
+    title: str
+    script: str
+    head: str
+    temperature: float
+    schedule: str
+    optimizer: str
+    lr_per_256: float
+    weight_decay: float
+    warmup_epochs: int
+    epochs: int
+    queue: bool
+
+
+METHODS: dict[str, MethodSpec] = {
+    "moco": MethodSpec("moco", "MoCo", "trainMoCo.py", "linear", 0.07, "step", "sgd", 0.03, 1e-4, 0, 200, True),
+    "mocov2": MethodSpec("mocov2", "MoCo v2", "trainMoCoV2.py", "mlp", 0.2, "cosine", "sgd", 0.03, 1e-4, 0, 200,
+                         True),
+    "simclr": MethodSpec("simclr", "SimCLR", "trainSimCLR.py", "mlp_bn", 0.1, "cosine", "lars", 0.3, 1e-6, 10, 100,
+                         False),
+}
+
+
+def pretraining_records(description: DatasetDescription, args: argparse.Namespace) -> list[ImageRecord]:
+    """Every image the encoder may see: all of them, minus the test split when labels exist."""
+    description.check_root(args.data_root)
+    records = description.find_unlabelled(args.data_root)
+    if not records:
+        raise InputError(f"no images found under {args.data_root}; {description.data_hint}")
+    if records[0].labels is not None:
+        test = set(load_splits(description, records, args.split_dir)["test"])
+        records = [r for r in records if r.image_id not in test]
+    if len(records) < args.batch_size:
+        raise InputError(f"--batch-size {args.batch_size} is larger than the {len(records)} pretraining images; "
+                         "lower it")
+    return records
+
+
+def build_model(method: MethodSpec, args: argparse.Namespace) -> nn.Module:
+    if method.queue:
+        return MoCo(args.arch, head=method.head, queue_size=args.queue_size, momentum=args.moco_momentum,
+                    temperature=args.temperature, bn_splits=args.bn_splits)
+    return SimCLR(args.arch, temperature=args.temperature)
+
+
+def build_optimizer(model: nn.Module, method: MethodSpec, args: argparse.Namespace) -> torch.optim.Optimizer:
+    global_batch = args.batch_size * distributed.world_size()
+    lr = args.lr if args.lr is not None else method.lr_per_256 * global_batch / 256
+    if args.optimizer == "lars":
+        return LARS(lars_parameter_groups(model), lr=lr, weight_decay=method.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=method.weight_decay)
+
+
+def pretrain(description: DatasetDescription, method_name: str, args: argparse.Namespace) -> None:
+    """Pretrain an encoder and write `checkpoint.pth` (encoder loadable into torchvision) after every epoch."""
+    method = METHODS[method_name]
+    args.arch = args.arch or "resnet50"
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    records = pretraining_records(description, args)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    distributed.init_from_environment(device)
+    seed_everything(args.seed)
+    model = build_model(method, args).to(device)
+    if distributed.is_distributed():
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    core = model.module if distributed.is_distributed() else model
+    dataset = ImageDataset(records, description.decode, args.image_size, len(description.classes))
+    loader = make_loader(dataset, args.batch_size, args.workers, shuffle=True, drop_last=True, seed=args.seed)
+    optimizer = build_optimizer(model, method, args)
+    total_steps = args.epochs * len(loader)
+    warmup = min(method.warmup_epochs * len(loader), total_steps // 10)
+    scheduler = build_scheduler(optimizer, method.schedule, total_steps, warmup)
+    style = args.augment or ("ct" if description.grayscale else "paper")
+    augment = BatchAugment(recipe_for(method.name, style), args.image_size)
+
+    log = RunLog(args.output_dir)
+    config = {**vars(args), "method": method.name, "dataset": description.name, "images": len(records),
+              "device": str(device), "precision": str(precision or "fp32"), "augment": style,
+              "world_size": distributed.world_size()}
+    log.json("config.json", config)
+
+    def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss, _ = model(augment(images), augment(images))  # two independent views of each image
+        return loss
+
+    def end_of_epoch(epoch: int) -> dict[str, float]:
+        save_checkpoint({
+            "method": method.name, "arch": args.arch, "dataset": description.name, "epoch": epoch + 1,
+            "encoder": core.encoder_state_dict(), "model": core.state_dict(),
+            "optimizer": optimizer.state_dict(), "config": {k: str(v) for k, v in config.items()},
+        }, args.output_dir / CHECKPOINT_NAME)
+        return {}
+
+    train_epochs(model, step_loss, loader, optimizer, scheduler, args.epochs, device, precision, log,
+                 end_of_epoch, train_mode=model.train)
+    log.close()
