@@ -72,12 +72,23 @@ def projection_head(kind: str, in_dim: int, out_dim: int = 128) -> nn.Module:
 
 
 class MomentumQueue(nn.Module):
-    """A FIFO of the most recent K keys, stored as a ring buffer (any K, any batch size)."""
+    """A FIFO of the most recent K keys, stored as a ring buffer (any K, any batch size).
+
+    Only keys that were really enqueued serve as negatives. The reference starts from K random
+    unit vectors instead; on a dataset of similar-looking scans those are such easy negatives that
+    the cheapest way to lower the loss is to map every image to one point, and training collapses
+    before the queue has filled with real keys.
+    """
 
     def __init__(self, dim: int, size: int) -> None:
         super().__init__()
-        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("keys", torch.zeros(size, dim))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def negatives(self) -> torch.Tensor:
+        """The keys enqueued so far (all K once the queue has wrapped around), as a copy."""
+        return self.keys[:int(self.filled)].clone()
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
@@ -87,6 +98,7 @@ class MomentumQueue(nn.Module):
         slots = (self.pointer + torch.arange(keys.shape[0], device=keys.device)) % size
         self.keys[slots] = keys.to(self.keys.dtype)
         self.pointer.copy_((self.pointer + keys.shape[0]) % size)
+        self.filled.copy_(torch.clamp(self.filled + keys.shape[0], max=size))
 
 
 class MoCo(nn.Module):
@@ -134,7 +146,7 @@ class MoCo(nn.Module):
         k = self.keys(im_k)
         q, k = q.float(), k.float()  # logits and loss in fp32 under autocast
         positive = (q * k).sum(dim=1, keepdim=True)
-        negative = q @ self.queue.keys.float().t()
+        negative = q @ self.queue.negatives().float().t()
         logits = torch.cat([positive, negative], dim=1) / self.temperature
         loss = F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
         self.queue.enqueue(gather_no_grad(k))

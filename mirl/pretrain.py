@@ -6,6 +6,7 @@ the downstream evaluation stays honest; a plain folder of images is used whole.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,10 @@ def pretraining_records(description: DatasetDescription, args: argparse.Namespac
     if len(records) < args.batch_size:
         raise InputError(f"--batch-size {args.batch_size} is larger than the {len(records)} pretraining images; "
                          "lower it")
+    if getattr(args, "queue_size", 0) >= len(records):
+        print(f"warning: --queue-size {args.queue_size} is not smaller than the {len(records)} images: the queue "
+              "will hold older keys of each query's own image as negatives; a smaller queue learns better",
+              file=sys.stderr)
     return records
 
 

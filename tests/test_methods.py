@@ -18,7 +18,17 @@ def test_queue_wraps_around_for_any_size_and_batch():
     queue.enqueue(second)
     expected = torch.stack([second[2], first[1], first[2], second[0], second[1]])
     assert torch.equal(queue.keys, expected)
-    assert queue.pointer.item() == 1
+    assert queue.pointer.item() == 1 and queue.filled.item() == 5
+
+
+def test_only_enqueued_keys_are_negatives():
+    torch.manual_seed(0)
+    model = MoCo("resnet18", queue_size=64, bn_splits=1).eval()
+    images = torch.randn(4, 3, 32, 32)
+    loss, logits = model(images, images)
+    assert logits.shape == (4, 1) and loss.item() == 0.0  # an empty queue offers no negative yet
+    _, logits = model(images, images)
+    assert logits.shape == (4, 5) and model.queue.filled.item() == 8
 
 
 def test_queue_keeps_only_the_newest_when_batch_exceeds_size():
@@ -63,6 +73,7 @@ def test_keys_through_shuffle_match_unshuffled_keys_in_eval_mode():
 def test_infonce_logits_and_loss_by_hand():
     torch.manual_seed(0)
     model = MoCo("resnet18", queue_size=8, temperature=0.07, momentum=0.0, bn_splits=1).eval()
+    model.queue.enqueue(F.normalize(torch.randn(8, 128), dim=1))
     queue_before = model.queue.keys.clone()
     im_q, im_k = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     loss, logits = model(im_q, im_k)
