@@ -55,7 +55,7 @@ RECIPES: dict[str, AugmentRecipe] = {
 
 
 def recipe_for(method: str, style: str) -> AugmentRecipe:
-    """The paper recipe of `method`, or (style "ct") its grey-scale form: window-like brightness and
+    """The paper recipe of `method`, or (style "grey") its grey-scale form: window-like brightness and
     contrast and a small rotation in place of colour jitter and grayscale."""
     paper = RECIPES[method]
     if style == "paper" or method == "finetune":

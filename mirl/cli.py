@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from mirl.datasets import DATASETS
+from mirl.datasets import DATASETS, DatasetDescription, with_label_csv
 from mirl.errors import InputError
 from mirl.models import ENCODERS
 from mirl.splits import FRACTIONS
@@ -56,6 +56,9 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epo
                         help="autocast dtype; auto is bf16 where the device runs it fast")
     parser.add_argument("--lr", type=positive_float, default=None, help="base learning rate (method default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="your own labels: a CSV with an image column and one 0/1 column per class, images "
+                             "(PNG/JPEG/DICOM) found by name under --data-root")
 
 
 def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.ArgumentParser:
@@ -66,9 +69,9 @@ def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.Argumen
     _common_arguments(parser, folder, spec.epochs)
     parser.add_argument("--temperature", type=positive_float, default=spec.temperature)
     parser.add_argument("--optimizer", choices=("sgd", "lars"), default=spec.optimizer)
-    parser.add_argument("--augment", choices=("ct", "paper"), default=None,
-                        help="augmentation recipe: CT/MR grey-scale or the paper's colour one "
-                             "(default: ct for grey-scale datasets)")
+    parser.add_argument("--augment", choices=("grey", "paper"), default=None,
+                        help="augmentation recipe: grey-scale CT/MR or the paper's colour one "
+                             "(default: grey for CT and MR datasets)")
     if spec.queue:
         parser.add_argument("--queue-size", type=positive_int, default=65536, help="MoCo's K negatives")
         parser.add_argument("--moco-momentum", type=float, default=0.999, help="key encoder momentum m")
@@ -96,6 +99,13 @@ def downstream_parser(dataset: str, method: str, folder: Path) -> argparse.Argum
     return parser
 
 
+def bound_dataset(dataset: str, args: argparse.Namespace) -> DatasetDescription:
+    """The script's dataset, or the user's own labelled data when `--labels` is given."""
+    if args.labels is None:
+        return DATASETS[dataset]
+    return with_label_csv(DATASETS[dataset], args.labels, args.data_root)
+
+
 def guarded(run: Callable[[], None]) -> int:
     """Run a script body; input errors become `error: ...` on stderr and exit code 2."""
     try:
@@ -115,7 +125,7 @@ def pretrain_script(dataset: str, method: str, script_file: str, argv: list[str]
     folder = Path(script_file).resolve().parent
     args = pretrain_parser(dataset, method, folder).parse_args(argv)
     args.output_dir = args.output_dir or folder / "runs" / method
-    return guarded(lambda: pretrain(DATASETS[dataset], method, args))
+    return guarded(lambda: pretrain(bound_dataset(dataset, args), method, args))
 
 
 def downstream_script(dataset: str, method: str, script_file: str, argv: list[str] | None = None) -> int:
@@ -125,4 +135,4 @@ def downstream_script(dataset: str, method: str, script_file: str, argv: list[st
     args = downstream_parser(dataset, method, folder).parse_args(argv)
     mode = "resnet" if args.resnet else f"{method}_{'frozen' if args.frozen else 'finetune'}"
     args.output_dir = args.output_dir or folder / "runs" / f"{mode}_{args.fraction}F"
-    return guarded(lambda: downstream(DATASETS[dataset], method, args))
+    return guarded(lambda: downstream(bound_dataset(dataset, args), method, args))

@@ -1,13 +1,15 @@
 """Datasets: how each one is laid out on disk, what its labels mean, and one torch Dataset to read them.
 
 A dataset is described once by a `DatasetDescription`: its classes, whether it is multi-label, a
-function that lists the labelled images under a data root, one that lists unlabelled images, one
-that decodes a file into an H x W x 3 uint8 array and one that says which patient an image belongs to.
-Everything else (splits, pretraining, downstream training, metrics) works from that description.
+function that lists the labelled images under a data root, one that lists the images pretraining
+may use, and one that says which patient (or lesion) an image belongs to. Pixels of every format
+are decoded by the one `decode_record`. Splits, pretraining, downstream training and metrics all
+work from the description, so a new dataset is a reader, a sample writer and a description.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,16 +20,35 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from mirl.errors import DataError, UnreadableImageError
-from mirl.imaging import dicom_patient_group, read_ct_slice
+from mirl.imaging import DICOM_SUFFIXES, NIFTI_SUFFIXES, PHOTO_SUFFIXES, dicom_patient_group, image_suffix, \
+    nifti_slice_count, read_dicom_image, read_nifti_slice, read_photo
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image: a stable id (what split files list), where its pixels are, and its label vector."""
+    """One 2-D image: a stable id (what split files list), its file, the slice/frame inside the file
+    for volumes, its label vector, and its patient or lesion when the reader knows it."""
 
     image_id: str
     path: Path
     labels: np.ndarray | None = None
+    group: str | None = None
+    index: tuple[int, ...] = field(default=())
+
+
+def decode_record(record: ImageRecord) -> np.ndarray:
+    """The record's pixels as H x W x 3 uint8, whatever the file format."""
+    suffix = image_suffix(record.path)
+    if suffix in NIFTI_SUFFIXES:
+        return read_nifti_slice(record.path, *record.index)
+    if suffix in DICOM_SUFFIXES:
+        return read_dicom_image(record.path)
+    return read_photo(record.path)
+
+
+def record_group(record: ImageRecord) -> str:
+    """The patient or lesion of a record when its reader knew it, else the image itself."""
+    return record.group or record.image_id
 
 
 @dataclass(frozen=True)
@@ -39,14 +60,78 @@ class DatasetDescription:
     multilabel: bool
     grayscale: bool
     find_labelled: Callable[[Path], list[ImageRecord]]
-    find_unlabelled: Callable[[Path], list[ImageRecord]]
-    decode: Callable[[Path], np.ndarray]
-    patient_group: Callable[[ImageRecord], str]
+    has_labels: Callable[[Path], bool]
     data_hint: str
+    patient_group: Callable[[ImageRecord], str] = record_group
+    patient_vote: bool = False  # also report patient-level accuracy from the slices' votes
 
     def check_root(self, root: Path) -> None:
         if not root.is_dir():
             raise DataError(f"data root {root} does not exist; {self.data_hint}")
+
+    def pretraining_images(self, root: Path, labelled: list[ImageRecord] | None) -> list[ImageRecord]:
+        """Images for pretraining: the labelled set when there is one (its test split is then held
+        out), else every image in the folder."""
+        return labelled if labelled is not None else find_images(root)
+
+
+# ---------------------------------------------------------------- any folder of images
+
+def find_images(root: Path) -> list[ImageRecord]:
+    """Every PNG, JPEG, DICOM and NIfTI slice under a folder, unlabelled; ids are relative paths."""
+    records = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        suffix = image_suffix(path)
+        stem = path.relative_to(root).as_posix()[:-len(suffix)] if suffix else path.relative_to(root).as_posix()
+        if suffix in PHOTO_SUFFIXES or suffix in DICOM_SUFFIXES:
+            records.append(ImageRecord(stem, path))
+        elif suffix in NIFTI_SUFFIXES:
+            try:
+                slices, frames = nifti_slice_count(path)
+            except UnreadableImageError:
+                continue  # an unreadable volume is skipped like any unreadable image
+            records += [ImageRecord(f"{stem}_t{t:02d}_s{z:02d}", path, index=(z, t))
+                        for t in range(frames) for z in range(slices)]
+    return records
+
+
+def image_files_by_stem(root: Path) -> dict[str, Path]:
+    """PNG/JPEG/DICOM files under `root` by file name without suffix (the first one if repeated)."""
+    files: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and image_suffix(path) in PHOTO_SUFFIXES + DICOM_SUFFIXES:
+            files.setdefault(path.name[:-len(image_suffix(path))], path)
+    return files
+
+
+def read_label_csv(csv_path: Path, root: Path,
+                   groups: dict[str, str] | None = None) -> tuple[list[ImageRecord], tuple[str, ...], bool]:
+    """An ISIC-shaped CSV: an image column, then one 0/1 column per class (1.0/0.0 accepted).
+
+    Returns the records, the class names in column order, and whether the labels are multi-label
+    (some row with several ones). Images are looked up by name under `root`.
+    """
+    try:
+        table = pd.read_csv(csv_path, dtype={0: str})
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{csv_path} is empty; it should hold an image column and one 0/1 column per class") from None
+    if table.shape[1] < 3 or table.empty:
+        raise DataError(f"{csv_path} needs an image column, at least two class columns and one row")
+    image_column, classes = table.columns[0], tuple(str(c) for c in table.columns[1:])
+    values = table[list(table.columns[1:])].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.argwhere(~np.isin(values, [0.0, 1.0]))
+    if len(bad):
+        row, column = bad[0]
+        raise DataError(f"{csv_path} row {row + 2}: column {classes[column]} is "
+                        f"{str(table.iloc[row, column + 1])!r}, not 0 or 1")
+    files = image_files_by_stem(root)
+    records = []
+    for row, (name, labels) in enumerate(zip(table[image_column].astype(str), values.astype(np.float32))):
+        if name not in files:
+            raise DataError(f"{csv_path} row {row + 2}: image {name} has no PNG, JPEG or DICOM file under {root}")
+        records.append(ImageRecord(name, files[name], labels, (groups or {}).get(name)))
+    multilabel = bool((values.sum(axis=1) != 1).any())
+    return records, classes, multilabel
 
 
 # ---------------------------------------------------------------- RSNA Intracranial Hemorrhage
@@ -112,33 +197,151 @@ def find_rsna_labelled(root: Path) -> list[ImageRecord]:
     return [ImageRecord(image_id, paths[image_id], values[i]) for i, image_id in enumerate(labels.index)]
 
 
-def find_dicoms(root: Path) -> list[ImageRecord]:
-    """Every DICOM under a folder (unlabelled), identified by its path relative to the folder."""
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".dcm", ".dicom") and p.is_file())
-    return [ImageRecord(p.relative_to(root).with_suffix("").as_posix(), p) for p in files]
-
-
-def find_rsna_unlabelled(root: Path) -> list[ImageRecord]:
-    """RSNA's images when the label CSV is there (so the test split can be held out), else any DICOM folder."""
-    if _rsna_label_csv(root) is not None:
-        return find_rsna_labelled(root)
-    return find_dicoms(root)
-
-
 RSNA = DatasetDescription(
     name="rsna",
     classes=RSNA_CLASSES,
     multilabel=True,
     grayscale=True,
     find_labelled=find_rsna_labelled,
-    find_unlabelled=find_rsna_unlabelled,
-    decode=read_ct_slice,
+    has_labels=lambda root: _rsna_label_csv(root) is not None,
     patient_group=lambda record: dicom_patient_group(record.path),
     data_hint="download RSNA Intracranial Hemorrhage Detection from Kaggle, or write sample data with "
               "`python -m mirl.sample_data rsna --out DIR` and pass --data-root DIR",
 )
 
-DATASETS: dict[str, DatasetDescription] = {"rsna": RSNA}
+
+# ---------------------------------------------------------------- ISIC 2019
+
+ISIC_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
+ISIC_LABEL_FILE = "ISIC_2019_Training_GroundTruth.csv"
+ISIC_METADATA_FILES = ("ISIC_2019_Training_Metadata.csv", "HAM10000_metadata.csv")
+
+
+def isic_lesions(root: Path) -> dict[str, str]:
+    """Image name to lesion id from HAM10000-style metadata, so one lesion's images stay together."""
+    for name in ISIC_METADATA_FILES:
+        path = root / name
+        if path.is_file():
+            table = pd.read_csv(path, dtype=str)
+            image_column = "image" if "image" in table.columns else "image_id"
+            if "lesion_id" in table.columns and image_column in table.columns:
+                known = table.dropna(subset=["lesion_id"])
+                return dict(zip(known[image_column], known["lesion_id"]))
+    return {}
+
+
+def find_isic_labelled(root: Path) -> list[ImageRecord]:
+    csv_path = root / ISIC_LABEL_FILE
+    if not csv_path.is_file():
+        raise DataError(f"no {ISIC_LABEL_FILE} in {root}; pass --labels CSV for other labels")
+    records, classes, _ = read_label_csv(csv_path, root, isic_lesions(root))
+    if classes != ISIC_CLASSES:
+        raise DataError(f"{csv_path}: expected the columns {','.join(ISIC_CLASSES)}, found {','.join(classes)}; "
+                        "pass it with --labels to use its own classes")
+    return records
+
+
+ISIC = DatasetDescription(
+    name="isic",
+    classes=ISIC_CLASSES,
+    multilabel=False,
+    grayscale=False,
+    find_labelled=find_isic_labelled,
+    has_labels=lambda root: (root / ISIC_LABEL_FILE).is_file(),
+    data_hint="download the ISIC 2019 training data (images and ground truth CSV), or write sample data with "
+              "`python -m mirl.sample_data isic --out DIR` and pass --data-root DIR",
+)
+
+
+def with_label_csv(description: DatasetDescription, csv_path: Path, root: Path) -> DatasetDescription:
+    """The user's own labelled data under `root`: classes and multi-label-ness read from an ISIC-shaped CSV."""
+    if not csv_path.is_file():
+        raise DataError(f"label CSV {csv_path} does not exist")
+    description.check_root(root)
+    records, classes, multilabel = read_label_csv(csv_path, root)
+    return replace(description, name=f"{description.name}:{csv_path.name}", classes=classes, multilabel=multilabel,
+                   find_labelled=lambda _: records, has_labels=lambda _: True)
+
+
+# ---------------------------------------------------------------- ACDC
+
+ACDC_CLASSES = ("NOR", "MINF", "DCM", "HCM", "RV")
+
+
+def read_info_cfg(path: Path) -> dict[str, str]:
+    """ACDC's `Info.cfg` (`Key: value` lines), checked to name a known Group and ED/ES frames."""
+    info = {}
+    for line in path.read_text().splitlines():
+        if ":" in line:
+            key, value = line.split(":", 1)
+            info[key.strip()] = value.strip()
+    if info.get("Group") not in ACDC_CLASSES:
+        raise DataError(f"{path}: Group is {info.get('Group')!r}, expected one of {', '.join(ACDC_CLASSES)}")
+    for key in ("ED", "ES"):
+        if not info.get(key, "").isdigit():
+            raise DataError(f"{path}: {key} must be a 1-based frame number, found {info.get(key)!r}")
+    return info
+
+
+def acdc_patients(root: Path) -> list[Path]:
+    base = root / "training" if (root / "training").is_dir() else root
+    return sorted(p for p in base.iterdir() if p.is_dir() and re.fullmatch(r"patient\d+", p.name))
+
+
+def find_acdc_labelled(root: Path) -> list[ImageRecord]:
+    """Every short-axis slice of each patient's ED and ES volumes, labelled with the patient's group."""
+    patients = acdc_patients(root)
+    if not patients:
+        raise DataError(f"no patientXXX folders under {root} (or {root / 'training'})")
+    records = []
+    for folder in patients:
+        info = read_info_cfg(folder / "Info.cfg")
+        labels = np.eye(len(ACDC_CLASSES), dtype=np.float32)[ACDC_CLASSES.index(info["Group"])]
+        for phase in ("ED", "ES"):
+            path = folder / f"{folder.name}_frame{int(info[phase]):02d}.nii.gz"
+            if not path.is_file():
+                raise DataError(f"{folder / 'Info.cfg'}: {phase} is frame {info[phase]} but {path.name} is missing")
+            slices, _ = nifti_slice_count(path)
+            records += [ImageRecord(f"{folder.name}_{phase}_s{z:02d}", path, labels, folder.name, (z,))
+                        for z in range(slices)]
+    return records
+
+
+def find_acdc_cine(root: Path, labelled: list[ImageRecord]) -> list[ImageRecord]:
+    """For pretraining: every slice of every frame of each patient's 4-D cine (ED/ES when it is absent)."""
+    records = []
+    for folder in acdc_patients(root):
+        cine = folder / f"{folder.name}_4d.nii.gz"
+        if not cine.is_file():
+            records += [r for r in labelled if r.group == folder.name]
+            continue
+        slices, frames = nifti_slice_count(cine)
+        records += [ImageRecord(f"{folder.name}_t{t:02d}_s{z:02d}", cine, None, folder.name, (z, t))
+                    for t in range(frames) for z in range(slices)]
+    return records
+
+
+@dataclass(frozen=True)
+class AcdcDescription(DatasetDescription):
+    """ACDC pretrains on the whole cine, not only the labelled ED/ES volumes."""
+
+    def pretraining_images(self, root: Path, labelled: list[ImageRecord] | None) -> list[ImageRecord]:
+        return find_images(root) if labelled is None else find_acdc_cine(root, labelled)
+
+
+ACDC = AcdcDescription(
+    name="acdc",
+    classes=ACDC_CLASSES,
+    multilabel=False,
+    grayscale=True,
+    find_labelled=find_acdc_labelled,
+    has_labels=lambda root: bool(acdc_patients(root)),
+    data_hint="download the ACDC training set (patientXXX folders with Info.cfg and NIfTI volumes), or write "
+              "sample data with `python -m mirl.sample_data acdc --out DIR` and pass --data-root DIR",
+    patient_vote=True,
+)
+
+DATASETS: dict[str, DatasetDescription] = {"rsna": RSNA, "isic": ISIC, "acdc": ACDC}
 
 
 # ---------------------------------------------------------------- reading pixels
@@ -149,10 +352,8 @@ class ImageDataset(Dataset):
     Augmentation is not done here: the training loop augments whole batches on the device.
     """
 
-    def __init__(self, records: list[ImageRecord], decode: Callable[[Path], np.ndarray], image_size: int,
-                 num_classes: int) -> None:
+    def __init__(self, records: list[ImageRecord], image_size: int, num_classes: int) -> None:
         self.records = records
-        self.decode = decode
         self.image_size = image_size
         self.num_classes = num_classes
 
@@ -163,7 +364,7 @@ class ImageDataset(Dataset):
         record = self.records[index]
         labels = torch.zeros(self.num_classes) if record.labels is None else torch.tensor(record.labels)
         try:
-            array = self.decode(record.path)
+            array = decode_record(record)
         except UnreadableImageError:
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), labels, False
         return resize_uint8(array, self.image_size), labels, True

@@ -113,7 +113,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
         optimizer = torch.optim.AdamW(trainable, lr=args.lr or FINETUNE_LR, weight_decay=1e-4)
 
     def dataset(split: list[ImageRecord]) -> ImageDataset:
-        return ImageDataset(split, description.decode, args.image_size, len(classes))
+        return ImageDataset(split, args.image_size, len(classes))
 
     train_loader = make_loader(dataset(train), min(args.batch_size, len(train)), args.workers, shuffle=True,
                                drop_last=False, seed=args.seed)
@@ -135,12 +135,16 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
         return F.cross_entropy(logits, labels.argmax(dim=1))
 
     selection = primary_metric(description.multilabel)
+
+    def evaluate_split(split: list[ImageRecord], loader: torch.utils.data.DataLoader) -> dict:
+        truth, probability, kept = predict(model, loader, device, precision, description.multilabel)
+        patients = [description.patient_group(split[i]) for i in kept] if description.patient_vote else None
+        return evaluate(truth, probability, classes, description.multilabel, patients)
     best = {"score": -np.inf, "state": None, "epoch": 0}
 
     def end_of_epoch(epoch: int) -> dict[str, float]:
-        metrics = evaluate(*predict(model, val_loader, device, precision, description.multilabel), classes,
-                           description.multilabel)
-        for name in ("auc_macro", "accuracy", "balanced_accuracy", "weighted_log_loss"):
+        metrics = evaluate_split(val, val_loader)
+        for name in ("auc_macro", "accuracy", "balanced_accuracy", "patient_accuracy", "weighted_log_loss"):
             if metrics.get(name) is not None:
                 log.scalar(f"val/{name}", metrics[name], epoch)
         score = metrics[selection] if metrics[selection] is not None else -metrics.get("weighted_log_loss", 0.0)
@@ -161,13 +165,11 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
                    not torch.equal(v.cpu(), encoder[k])]
         if changed:
             raise RuntimeError(f"the frozen encoder changed during linear training ({changed[:3]})")
-    results = {split_name: evaluate(*predict(model, loader, device, precision, description.multilabel), classes,
-                                    description.multilabel)
-               for split_name, loader in (("test", test_loader), ("val", val_loader))}
+    results = {"test": evaluate_split(test, test_loader), "val": evaluate_split(val, val_loader)}
     results.update(best_epoch=best["epoch"], selected_by=f"val {selection}", mode=mode, fraction=args.fraction,
                    arch=args.arch, method=config["method"])
     log.json("metrics.json", results)
-    for name in ("auc_macro", "accuracy", "balanced_accuracy"):
+    for name in ("auc_macro", "accuracy", "balanced_accuracy", "patient_accuracy"):
         if results["test"].get(name) is not None:
             log.scalar(f"test/{name}", results["test"][name], best["epoch"])
     save_checkpoint({"method": config["method"], "mode": mode, "arch": args.arch, "dataset": description.name,

@@ -164,16 +164,22 @@ def train_epochs(model: nn.Module, step_loss: Callable[[torch.Tensor, torch.Tens
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device, precision: torch.dtype | None,
-            multilabel: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and predicted probabilities (sigmoid or softmax) of every readable image in `loader`."""
+            multilabel: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels and predicted probabilities (sigmoid or softmax) of every readable image in an unshuffled
+    `loader`, and the dataset positions they belong to (unreadable images are left out)."""
     model.eval()
     autocast = torch.autocast(device.type, dtype=precision) if precision else nullcontext()
-    truths, probabilities = [], []
+    truths, probabilities, kept = [], [], []
+    position = 0
     for images, labels, ok in loader:
+        kept.append(position + np.flatnonzero(ok.numpy()))
+        position += len(ok)
         if not ok.any():
             continue
         with autocast:
             logits = model(normalize(images[ok].to(device))).float()
         probabilities.append((logits.sigmoid() if multilabel else logits.softmax(dim=1)).cpu().numpy())
         truths.append(labels[ok].numpy())
-    return np.concatenate(truths), np.concatenate(probabilities)
+    if not truths:
+        raise InputError("no image of the evaluation split could be read")
+    return np.concatenate(truths), np.concatenate(probabilities), np.concatenate(kept)

@@ -66,11 +66,32 @@ def singlelabel_metrics(y_true: np.ndarray, probability: np.ndarray, classes: tu
     }
 
 
-def evaluate(y_true: np.ndarray, probability: np.ndarray, classes: tuple[str, ...], multilabel: bool) -> dict:
-    """The dataset's metrics: multi-label AUCs and log loss, or single-label accuracies."""
+def patient_vote_accuracy(y_true: np.ndarray, probability: np.ndarray, patients: list[str]) -> float:
+    """Accuracy over patients: each patient's class is the one most of its slices predict (a tie goes
+    to the tied class with the larger summed probability)."""
+    predicted, truth = probability.argmax(axis=1), y_true.argmax(axis=1)
+    patients_arr = np.asarray(patients)
+    correct = []
+    for patient in np.unique(patients_arr):
+        mine = patients_arr == patient
+        votes = np.bincount(predicted[mine], minlength=probability.shape[1])
+        tied = votes == votes.max()
+        choice = int(np.argmax(np.where(tied, probability[mine].sum(axis=0), -np.inf)))
+        correct.append(choice == truth[mine][0])
+    return float(np.mean(correct))
+
+
+def evaluate(y_true: np.ndarray, probability: np.ndarray, classes: tuple[str, ...], multilabel: bool,
+             patients: list[str] | None = None) -> dict:
+    """The dataset's metrics: multi-label AUCs and log loss, or single-label accuracies, plus the
+    patient-level vote when `patients` names each row's patient."""
     if multilabel:
         return multilabel_metrics(y_true, probability, classes)
-    return singlelabel_metrics(y_true, probability, classes)
+    metrics = singlelabel_metrics(y_true, probability, classes)
+    if patients is not None:
+        metrics["patient_accuracy"] = patient_vote_accuracy(y_true, probability, patients)
+        metrics["n_patients"] = len(set(patients))
+    return metrics
 
 
 def primary_metric(multilabel: bool) -> str:

@@ -51,7 +51,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         if not self.training or self.splits <= 1:
             return super().forward(x)
         chunks = [F.batch_norm(chunk, None, None, self.weight, self.bias, True, 0.0, self.eps)
-                  for chunk in x.chunk(min(self.splits, x.shape[0]))]
+                  for chunk in x.chunk(max(1, min(self.splits, x.shape[0] // 2)))]  # 2+ images per group
         with torch.no_grad():
             self.running_mean.lerp_(x.mean(dim=(0, 2, 3)).to(self.running_mean.dtype), self.momentum)
             self.running_var.lerp_(x.var(dim=(0, 2, 3), unbiased=True).to(self.running_var.dtype), self.momentum)

@@ -53,14 +53,17 @@ METHODS: dict[str, MethodSpec] = {
 
 
 def pretraining_records(description: DatasetDescription, args: argparse.Namespace) -> list[ImageRecord]:
-    """Every image the encoder may see: all of them, minus the test split when labels exist."""
+    """Every image the encoder may see: all of them, minus the test split's images and patients when
+    the data has labels."""
     description.check_root(args.data_root)
-    records = description.find_unlabelled(args.data_root)
+    labelled = description.find_labelled(args.data_root) if description.has_labels(args.data_root) else None
+    records = description.pretraining_images(args.data_root, labelled)
     if not records:
         raise InputError(f"no images found under {args.data_root}; {description.data_hint}")
-    if records[0].labels is not None:
-        test = set(load_splits(description, records, args.split_dir)["test"])
-        records = [r for r in records if r.image_id not in test]
+    if labelled is not None:
+        test = set(load_splits(description, labelled, args.split_dir)["test"])
+        test_patients = {r.group for r in labelled if r.image_id in test and r.group is not None}
+        records = [r for r in records if r.image_id not in test and r.group not in test_patients]
     if len(records) < args.batch_size:
         raise InputError(f"--batch-size {args.batch_size} is larger than the {len(records)} pretraining images; "
                          "lower it")
@@ -102,13 +105,13 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     if distributed.is_distributed():
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     core = model.module if distributed.is_distributed() else model
-    dataset = ImageDataset(records, description.decode, args.image_size, len(description.classes))
+    dataset = ImageDataset(records, args.image_size, len(description.classes))
     loader = make_loader(dataset, args.batch_size, args.workers, shuffle=True, drop_last=True, seed=args.seed)
     optimizer = build_optimizer(model, method, args)
     total_steps = args.epochs * len(loader)
     warmup = min(method.warmup_epochs * len(loader), total_steps // 10)
     scheduler = build_scheduler(optimizer, method.schedule, total_steps, warmup)
-    style = args.augment or ("ct" if description.grayscale else "paper")
+    style = args.augment or ("grey" if description.grayscale else "paper")
     augment = BatchAugment(recipe_for(method.name, style), args.image_size)
 
     log = RunLog(args.output_dir)

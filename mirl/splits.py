@@ -60,6 +60,12 @@ def stratified_group_partition(group_counts: np.ndarray, group_sizes: np.ndarray
             assign(int(group), best_subset(wanted[:, rarest]))
     for group in rng.permutation(np.flatnonzero(assignment < 0)):
         assign(int(group), best_subset(wanted_total))
+    # on small data a subset's share can round to nothing: give it one group from the largest subset
+    for subset in np.flatnonzero(proportions_arr > 0):
+        counts = np.bincount(assignment, minlength=len(proportions))
+        if counts[subset] == 0 and counts.max() > 1:
+            donor = rng.choice(np.flatnonzero(assignment == int(np.argmax(counts))))
+            assignment[donor] = subset
     return assignment
 
 

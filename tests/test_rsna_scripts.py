@@ -1,22 +1,15 @@
 """Every RSNA_MoCo script end to end on sample data at tiny size, run the way a user runs them."""
 import json
-import subprocess
-import sys
+from functools import partial
 
 import pytest
 import torch
 import torchvision
 
-from conftest import REPO
+from conftest import TINY, assert_one_line_error
+from conftest import run_script as run_in_folder
 
-FOLDER = REPO / "RSNA_MoCo"
-TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--epochs", "1",
-        "--device", "cpu"]
-
-
-def run_script(script: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=FOLDER, capture_output=True, text=True,
-                          timeout=600)
+run_script = partial(run_in_folder, "RSNA_MoCo")
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +83,6 @@ def test_supervised_baseline_starts_from_local_torchvision_weights(rsna_root, pr
                         "--output-dir", tmp_path / "run", "--split-dir", pretrained[1], *TINY)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["mode"] == "resnet"
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0]
 
 
 def test_missing_data_root_is_one_line(tmp_path):

@@ -1,0 +1,7 @@
+"""MoCo v1 pretraining on ACDC cardiac cine MRI. Run `python trainMoCo.py --help` for the flags."""
+import sys
+
+from mirl.cli import pretrain_script
+
+if __name__ == "__main__":
+    sys.exit(pretrain_script("acdc", "moco", __file__))

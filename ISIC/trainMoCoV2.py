@@ -1,0 +1,7 @@
+"""MoCo v2 pretraining on ISIC 2019 dermoscopy. Run `python trainMoCoV2.py --help` for the flags."""
+import sys
+
+from mirl.cli import pretrain_script
+
+if __name__ == "__main__":
+    sys.exit(pretrain_script("isic", "mocov2", __file__))
