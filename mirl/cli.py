@@ -72,6 +72,8 @@ def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.Argumen
     parser.add_argument("--augment", choices=("grey", "paper"), default=None,
                         help="augmentation recipe: grey-scale CT/MR or the paper's colour one "
                              "(default: grey for CT and MR datasets)")
+    parser.add_argument("--knn-images", type=int, default=2000,
+                        help="labelled train images in the kNN monitor's bank (half as many val queries); 0: off")
     if spec.queue:
         parser.add_argument("--queue-size", type=positive_int, default=65536, help="MoCo's K negatives")
         parser.add_argument("--moco-momentum", type=float, default=0.999, help="key encoder momentum m")

@@ -19,7 +19,7 @@ from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
 from mirl.engine import RunLog, load_checkpoint, make_loader, predict, resolve_device, resolve_precision, \
     save_checkpoint, seed_everything, train_epochs
 from mirl.errors import CheckpointError, InputError
-from mirl.metrics import evaluate, primary_metric
+from mirl.metrics import bootstrap_interval, evaluate, primary_metric, reported_metrics
 from mirl.models import build_classifier
 from mirl.optim import build_scheduler
 from mirl.pretrain import CHECKPOINT_NAME, METHODS, MethodSpec
@@ -136,10 +136,20 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
 
     selection = primary_metric(description.multilabel)
 
-    def evaluate_split(split: list[ImageRecord], loader: torch.utils.data.DataLoader) -> dict:
+    def evaluate_split(split: list[ImageRecord], loader: torch.utils.data.DataLoader, interval: bool = False) -> dict:
+        """Metrics of one split; with `interval`, a patient-bootstrap 95 % interval of the headline ones."""
         truth, probability, kept = predict(model, loader, device, precision, description.multilabel)
-        patients = [description.patient_group(split[i]) for i in kept] if description.patient_vote else None
-        return evaluate(truth, probability, classes, description.multilabel, patients)
+        patients = [description.patient_group(split[i]) for i in kept] \
+            if description.patient_vote or interval else None
+        metrics = evaluate(truth, probability, classes, description.multilabel,
+                           patients if description.patient_vote else None)
+        if interval:
+            metrics["ci95"] = {
+                name: bootstrap_interval(truth, probability, patients,
+                                         lambda y, p, name=name: evaluate(y, p, classes, description.multilabel)[name])
+                for name in reported_metrics(description.multilabel)}
+        return metrics
+
     best = {"score": -np.inf, "state": None, "epoch": 0}
 
     def end_of_epoch(epoch: int) -> dict[str, float]:
@@ -165,7 +175,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
                    not torch.equal(v.cpu(), encoder[k])]
         if changed:
             raise RuntimeError(f"the frozen encoder changed during linear training ({changed[:3]})")
-    results = {"test": evaluate_split(test, test_loader), "val": evaluate_split(val, val_loader)}
+    results = {"test": evaluate_split(test, test_loader, interval=True), "val": evaluate_split(val, val_loader)}
     results.update(best_epoch=best["epoch"], selected_by=f"val {selection}", mode=mode, fraction=args.fraction,
                    arch=args.arch, method=config["method"])
     log.json("metrics.json", results)

@@ -4,6 +4,8 @@ recall: it is reported as absent (None), never as 0 and never as a crash.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 from scipy.stats import rankdata
 
@@ -97,3 +99,30 @@ def evaluate(y_true: np.ndarray, probability: np.ndarray, classes: tuple[str, ..
 def primary_metric(multilabel: bool) -> str:
     """The number model selection maximises: macro AUC (multi-label) or balanced accuracy."""
     return "auc_macro" if multilabel else "balanced_accuracy"
+
+
+def reported_metrics(multilabel: bool) -> tuple[str, ...]:
+    """The headline metrics of a dataset's results tables."""
+    return ("auc_macro",) if multilabel else ("accuracy", "balanced_accuracy")
+
+
+def bootstrap_interval(y_true: np.ndarray, probability: np.ndarray, patients: list[str],
+                       statistic: Callable[[np.ndarray, np.ndarray], float | None], resamples: int = 1000,
+                       seed: int = 0) -> list[float] | None:
+    """95 % percentile interval of `statistic` over resamples of whole patients with replacement.
+
+    Slices of one patient are not independent, so resampling slices would make the interval too
+    narrow; each resample draws patients and takes all of their rows.
+    """
+    rng = np.random.default_rng(seed)
+    _, owner = np.unique(np.asarray(patients), return_inverse=True)
+    rows_of = [np.flatnonzero(owner == p) for p in range(owner.max() + 1)]
+    values = []
+    for _ in range(resamples):
+        rows = np.concatenate([rows_of[p] for p in rng.integers(0, len(rows_of), len(rows_of))])
+        value = statistic(y_true[rows], probability[rows])
+        if value is not None:
+            values.append(value)
+    if len(values) < resamples // 2:  # too few resamples hold every class the metric needs
+        return None
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]

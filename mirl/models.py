@@ -152,8 +152,9 @@ class MoCo(nn.Module):
         self.queue.enqueue(gather_no_grad(k))
         return loss, logits
 
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.encoder_q.state_dict()
+    def feature_encoder(self) -> nn.Module:
+        """The encoder a downstream task inherits: the query encoder."""
+        return self.encoder_q
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -185,5 +186,5 @@ class SimCLR(nn.Module):
         loss = nt_xent(z1, z2, self.temperature)
         return loss, z1
 
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.encoder.state_dict()
+    def feature_encoder(self) -> nn.Module:
+        return self.encoder

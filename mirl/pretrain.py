@@ -19,6 +19,7 @@ from mirl.engine import RunLog, make_loader, resolve_device, resolve_precision, 
     train_epochs
 from mirl.errors import InputError
 from mirl.models import MoCo, SimCLR
+from mirl.monitor import KnnMonitor, sample_records
 from mirl.optim import LARS, build_scheduler, lars_parameter_groups
 from mirl.splits import load_splits
 
@@ -52,16 +53,21 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
-def pretraining_records(description: DatasetDescription, args: argparse.Namespace) -> list[ImageRecord]:
+def pretraining_records(description: DatasetDescription,
+                        args: argparse.Namespace) -> tuple[list[ImageRecord], dict[str, list[ImageRecord]] | None]:
     """Every image the encoder may see: all of them, minus the test split's images and patients when
-    the data has labels."""
+    the data has labels; then also the labelled train and val images the kNN monitor uses."""
     description.check_root(args.data_root)
     labelled = description.find_labelled(args.data_root) if description.has_labels(args.data_root) else None
     records = description.pretraining_images(args.data_root, labelled)
     if not records:
         raise InputError(f"no images found under {args.data_root}; {description.data_hint}")
+    monitor_sets = None
     if labelled is not None:
-        test = set(load_splits(description, labelled, args.split_dir)["test"])
+        splits = load_splits(description, labelled, args.split_dir)
+        by_id = {r.image_id: r for r in labelled}
+        monitor_sets = {name: [by_id[i] for i in splits[name]] for name in ("train100F", "val")}
+        test = set(splits["test"])
         test_patients = {r.group for r in labelled if r.image_id in test and r.group is not None}
         records = [r for r in records if r.image_id not in test and r.group not in test_patients]
     if len(records) < args.batch_size:
@@ -71,7 +77,7 @@ def pretraining_records(description: DatasetDescription, args: argparse.Namespac
         print(f"warning: --queue-size {args.queue_size} is not smaller than the {len(records)} images: the queue "
               "will hold older keys of each query's own image as negatives; a smaller queue learns better",
               file=sys.stderr)
-    return records
+    return records, monitor_sets
 
 
 def build_model(method: MethodSpec, args: argparse.Namespace) -> nn.Module:
@@ -96,7 +102,7 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     args.arch = args.arch or "resnet50"
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    records = pretraining_records(description, args)
+    records, monitor_sets = pretraining_records(description, args)
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     distributed.init_from_environment(device)
@@ -124,13 +130,23 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
         loss, _ = model(augment(images), augment(images))  # two independent views of each image
         return loss
 
+    monitor = None
+    if monitor_sets and args.knn_images > 0 and distributed.is_main_process():
+        monitor = KnnMonitor(description, sample_records(monitor_sets["train100F"], args.knn_images, args.seed),
+                             sample_records(monitor_sets["val"], args.knn_images // 2, args.seed), args.image_size,
+                             device, precision, args.batch_size, args.workers)
+
     def end_of_epoch(epoch: int) -> dict[str, float]:
+        summary = monitor(core.feature_encoder()) if monitor else {}
+        for name, value in summary.items():
+            log.scalar(f"monitor/{name}", value, epoch)
         save_checkpoint({
             "method": method.name, "arch": args.arch, "dataset": description.name, "epoch": epoch + 1,
-            "encoder": core.encoder_state_dict(), "model": core.state_dict(),
-            "optimizer": optimizer.state_dict(), "config": {k: str(v) for k, v in config.items()},
+            "encoder": core.feature_encoder().state_dict(), "model": core.state_dict(),
+            "optimizer": optimizer.state_dict(), "monitor": summary,
+            "config": {k: str(v) for k, v in config.items()},
         }, args.output_dir / CHECKPOINT_NAME)
-        return {}
+        return summary
 
     train_epochs(model, step_loss, loader, optimizer, scheduler, args.epochs, device, precision, log,
                  end_of_epoch, train_mode=model.train)

@@ -127,5 +127,5 @@ def test_split_batchnorm_normalises_each_group_separately():
 def test_encoder_state_loads_into_plain_torchvision_model():
     model = MoCo("resnet18", queue_size=16)
     plain = torchvision.models.resnet18()
-    missing, unexpected = plain.load_state_dict(model.encoder_state_dict(), strict=False)
+    missing, unexpected = plain.load_state_dict(model.feature_encoder().state_dict(), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected

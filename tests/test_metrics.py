@@ -2,7 +2,7 @@
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
 
-from mirl.metrics import multilabel_metrics, roc_auc, singlelabel_metrics, weighted_log_loss
+from mirl.metrics import bootstrap_interval, multilabel_metrics, roc_auc, singlelabel_metrics, weighted_log_loss
 
 RSNA = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
 
@@ -49,3 +49,37 @@ def test_balanced_accuracy_matches_sklearn_and_skips_absent_classes():
     # sklearn averages recall over the classes present in y_true, as MIRL does
     assert abs(metrics["balanced_accuracy"] - balanced_accuracy_score(truth, predicted)) < 1e-12
     assert abs(metrics["accuracy"] - (predicted == truth).mean()) < 1e-12
+
+
+def _cohort(patients: int, seed: int):
+    rng = np.random.default_rng(seed)
+    owner = np.repeat(np.arange(patients), 4)  # four slices per patient
+    y = np.repeat(rng.integers(0, 2, patients), 4)
+    score = y * 0.6 + rng.random(len(y))
+    return y, score, [f"p{i}" for i in owner]
+
+
+def test_bootstrap_interval_covers_the_estimate_and_narrows_with_more_patients():
+    def auc(y, p):
+        return roc_auc(y, p)
+
+    widths = []
+    for patients in (20, 320):
+        y, score, owners = _cohort(patients, seed=patients)
+        low, high = bootstrap_interval(y, score, owners, auc, resamples=400)
+        assert low <= roc_auc(y, score) <= high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2  # about 1/sqrt(16) as wide with 16 times the patients
+
+
+def test_bootstrap_resamples_whole_patients():
+    seen = []
+    y = np.array([0, 0, 1, 1, 1, 1])
+    owners = ["a", "a", "b", "b", "b", "b"]
+
+    def rows(y_sample, _):
+        seen.append(len(y_sample))
+        return float(y_sample.mean())
+
+    bootstrap_interval(y, y.astype(float), owners, rows, resamples=50)
+    assert set(seen) <= {4, 6, 8}  # 2+2, 2+4 or 4+4 rows: never a patient split apart

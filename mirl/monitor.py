@@ -1,0 +1,81 @@
+"""Looking at an encoder's features: extraction, and the online k-nearest-neighbour monitor.
+
+A contrastive loss says little about whether the features are useful (it may sit near ln(K+1) for a
+long time while they improve). The monitor classifies validation images by their nearest labelled
+training images in feature space (weighted kNN, k 20, as in Wu et al. 2018) every epoch, so a user
+sees within minutes whether pretraining learns. Its labels serve the monitor only, never training.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mirl.augment import normalize
+from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
+from mirl.engine import make_loader
+from mirl.metrics import evaluate, primary_metric
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, records: list[ImageRecord], num_classes: int, image_size: int,
+                     device: torch.device, precision: torch.dtype | None, batch_size: int,
+                     workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised features and label vectors of every readable record (unreadable ones left out)."""
+    loader = make_loader(ImageDataset(records, image_size, num_classes), batch_size, workers, shuffle=False,
+                         drop_last=False, seed=0)
+    was_training = encoder.training
+    encoder.eval()
+    autocast = torch.autocast(device.type, dtype=precision) if precision else nullcontext()
+    features, labels = [], []
+    for images, batch_labels, ok in loader:
+        if not ok.any():
+            continue
+        with autocast:
+            output = encoder(normalize(images[ok].to(device))).float()
+        features.append(F.normalize(output, dim=1).cpu().numpy())
+        labels.append(batch_labels[ok].numpy())
+    encoder.train(was_training)
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def knn_scores(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, k: int = 20,
+               temperature: float = 0.07) -> np.ndarray:
+    """Per query, the neighbours' label vectors averaged with weights exp(cosine / temperature)."""
+    similarity = queries @ bank.T
+    k = min(k, bank.shape[0])
+    nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+    weights = np.exp(np.take_along_axis(similarity, nearest, axis=1) / temperature)
+    weights /= weights.sum(axis=1, keepdims=True)
+    return np.einsum("qk,qkc->qc", weights, bank_labels[nearest])
+
+
+class KnnMonitor:
+    """kNN quality of an encoder's features: labelled training images as the bank, val as queries."""
+
+    def __init__(self, description: DatasetDescription, bank: list[ImageRecord], queries: list[ImageRecord],
+                 image_size: int, device: torch.device, precision: torch.dtype | None, batch_size: int,
+                 workers: int) -> None:
+        self.description = description
+        self.bank, self.queries = bank, queries
+        self.settings = dict(num_classes=len(description.classes), image_size=image_size, device=device,
+                             precision=precision, batch_size=batch_size, workers=workers)
+        self.metric = primary_metric(description.multilabel)
+
+    def __call__(self, encoder: nn.Module) -> dict[str, float | None]:
+        bank, bank_labels = extract_features(encoder, self.bank, **self.settings)
+        queries, query_labels = extract_features(encoder, self.queries, **self.settings)
+        scores = knn_scores(bank, bank_labels, queries)
+        metrics = evaluate(query_labels, scores, self.description.classes, self.description.multilabel)
+        return {f"knn_{self.metric}": metrics[self.metric]}
+
+
+def sample_records(records: list[ImageRecord], limit: int, seed: int) -> list[ImageRecord]:
+    """At most `limit` records, drawn at random but reproducibly."""
+    if len(records) <= limit:
+        return records
+    chosen = np.random.default_rng(seed).choice(len(records), size=limit, replace=False)
+    return [records[i] for i in sorted(chosen)]

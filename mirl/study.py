@@ -1,0 +1,237 @@
+"""The label-efficiency study in one command.
+
+`python -m mirl.study {rsna,isic,acdc} --data-root DIR --output-dir DIR` pretrains each method once,
+trains every (method, mode, label fraction, seed) downstream run on the shared split files, and
+writes `results.md` (one table per metric: a row per fraction, a column per method and mode),
+`results.csv` (a row per run, every metric) and `label_efficiency.png` (metric against label
+fraction with a shaded 95 % interval). Runs whose metrics exist are skipped and pretrained
+checkpoints reused, so a stopped study continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from mirl.cli import OneLineParser, downstream_script, positive_int, pretrain_script
+from mirl.datasets import DATASETS
+from mirl.metrics import reported_metrics
+from mirl.models import ENCODERS
+from mirl.pretrain import METHODS
+from mirl.splits import FRACTIONS
+
+SUPERVISED = "supervised"
+MODES = ("frozen", "finetune")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One downstream run of the study."""
+
+    method: str
+    mode: str
+    fraction: int
+    seed: int
+
+    @property
+    def column(self) -> str:
+        if self.method == SUPERVISED:
+            return "Supervised"
+        return f"{METHODS[self.method].title} {self.mode}"
+
+    @property
+    def name(self) -> str:
+        mode = "" if self.method == SUPERVISED else f"_{self.mode}"
+        return f"{self.method}{mode}_{self.fraction}F_seed{self.seed}"
+
+
+def plan(methods: list[str], modes: list[str], fractions: list[int], seeds: list[int]) -> list[Run]:
+    runs = []
+    for method in methods:
+        for mode in ([SUPERVISED] if method == SUPERVISED else modes):
+            runs += [Run(method, mode, f, s) for f in fractions for s in seeds]
+    return runs
+
+
+def metric_names(dataset: str) -> tuple[str, ...]:
+    description = DATASETS[dataset]
+    extra = ("patient_accuracy",) if description.patient_vote else ()
+    return reported_metrics(description.multilabel) + extra
+
+
+def result_rows(runs: list[Run], out: Path, dataset: str) -> list[dict]:
+    rows = []
+    for run in runs:
+        metrics = json.loads((out / "runs" / run.name / "metrics.json").read_text())
+        row = {"dataset": dataset, "method": run.method, "mode": run.mode, "fraction": run.fraction,
+               "seed": run.seed, "column": run.column, "best_epoch": metrics["best_epoch"]}
+        for split in ("test", "val"):
+            for name, value in metrics[split].items():
+                if isinstance(value, dict):
+                    if name == "ci95":
+                        for metric, interval in value.items():
+                            row[f"{split}_{metric}_ci_low"], row[f"{split}_{metric}_ci_high"] = interval or (None, None)
+                    else:
+                        row.update({f"{split}_{name}_{k}": v for k, v in value.items()})
+                else:
+                    row[f"{split}_{name}"] = value
+        rows.append(row)
+    return rows
+
+
+def summarise(rows: list[dict], metric: str) -> dict[tuple[str, int], dict]:
+    """Per (column, fraction): mean and sd over seeds, and the mean bootstrap interval."""
+    cells: dict[tuple[str, int], dict] = {}
+    for key in {(r["column"], r["fraction"]) for r in rows}:
+        mine = [r for r in rows if (r["column"], r["fraction"]) == key and r.get(f"test_{metric}") is not None]
+        if not mine:
+            continue
+        values = np.array([r[f"test_{metric}"] for r in mine])
+        lows = [r.get(f"test_{metric}_ci_low") for r in mine]
+        highs = [r.get(f"test_{metric}_ci_high") for r in mine]
+        interval = (float(np.mean(lows)), float(np.mean(highs))) if None not in lows + highs else None
+        cells[key] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else None,
+                      "n": len(values), "ci": interval}
+    return cells
+
+
+def markdown_tables(rows: list[dict], dataset: str, columns: list[str], fractions: list[int]) -> str:
+    """One table per metric: mean ± sd over seeds, or with one seed the value [bootstrap 95 % CI]."""
+    parts = []
+    for metric in metric_names(dataset):
+        cells = summarise(rows, metric)
+        lines = [f"### {dataset.upper()}: test {metric.replace('_', ' ')}", "",
+                 "| labels | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for fraction in fractions:
+            entries = []
+            for column in columns:
+                cell = cells.get((column, fraction))
+                if cell is None:
+                    entries.append("n/a")
+                elif cell["sd"] is not None:
+                    entries.append(f"{cell['mean']:.3f} ± {cell['sd']:.3f} (n={cell['n']})")
+                elif cell["ci"] is not None:
+                    entries.append(f"{cell['mean']:.3f} [{cell['ci'][0]:.3f}, {cell['ci'][1]:.3f}]")
+                else:
+                    entries.append(f"{cell['mean']:.3f}")
+            lines.append(f"| {fraction} % | " + " | ".join(entries) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(rows: list[dict], dataset: str, columns: list[str], fractions: list[int], path: Path) -> None:
+    """Headline metric against label fraction (log x), a line per column, shaded 95 % interval
+    (over seeds when there are several, else the patient bootstrap)."""
+    metric = metric_names(dataset)[0]
+    cells = summarise(rows, metric)
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.add_subplot()
+    for column in columns:
+        points = sorted((f, cells[column, f]) for f in fractions if (column, f) in cells)
+        if not points:
+            continue
+        x = np.array([f for f, _ in points])
+        mean = np.array([c["mean"] for _, c in points])
+        axis.plot(x, mean, marker="o", label=column)
+        if all(c["sd"] is not None for _, c in points):
+            half = np.array([1.96 * c["sd"] / np.sqrt(c["n"]) for _, c in points])
+            axis.fill_between(x, mean - half, mean + half, alpha=0.2)
+        elif all(c["ci"] is not None for _, c in points):
+            axis.fill_between(x, [c["ci"][0] for _, c in points], [c["ci"][1] for _, c in points], alpha=0.2)
+    axis.set_xscale("log")
+    axis.set_xticks(fractions, [f"{f} %" for f in fractions])
+    axis.set_xlabel("labelled training images")
+    axis.set_ylabel(f"test {metric.replace('_', ' ')}")
+    axis.set_title(f"{dataset.upper()}: label efficiency")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def pretrained_epochs(checkpoint: Path) -> int:
+    if not checkpoint.is_file():
+        return 0
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True).get("epoch", 0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="python -m mirl.study", description=__doc__.splitlines()[0])
+    parser.add_argument("dataset", choices=sorted(DATASETS))
+    parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--split-dir", type=Path, default=None, help="default: OUTPUT_DIR/splits")
+    parser.add_argument("--fractions", type=int, nargs="+", choices=FRACTIONS, default=list(FRACTIONS))
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, SUPERVISED], default=[*METHODS, SUPERVISED])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--arch", choices=sorted(ENCODERS), default="resnet50")
+    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--epochs", type=positive_int, default=None, help="pretraining epochs (method default)")
+    parser.add_argument("--downstream-epochs", type=positive_int, default=None, help="default: the scripts'")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--queue-size", type=positive_int, default=None, help="MoCo queue (default 65536)")
+    args = parser.parse_args(argv)
+    out = args.output_dir
+    split_dir = args.split_dir or out / "splits"
+    common = ["--data-root", str(args.data_root), "--split-dir", str(split_dir), "--arch", args.arch,
+              "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--device", args.device]
+    if args.workers is not None:
+        common += ["--workers", str(args.workers)]
+
+    for method in (m for m in args.methods if m != SUPERVISED):
+        checkpoint = out / "pretrain" / method / "checkpoint.pth"
+        wanted = args.epochs or METHODS[method].epochs
+        if pretrained_epochs(checkpoint) >= wanted:
+            print(f"reusing {checkpoint}")
+            continue
+        extra = ["--queue-size", str(args.queue_size)] if args.queue_size and METHODS[method].queue else []
+        status = pretrain_script(args.dataset, method, __file__, [
+            *common, "--output-dir", str(checkpoint.parent), "--epochs", str(wanted), "--seed", str(args.seeds[0]),
+            *extra])
+        if status:
+            return status
+
+    runs = plan(args.methods, args.modes, args.fractions, args.seeds)
+    for number, run in enumerate(runs, 1):
+        run_dir = out / "runs" / run.name
+        if (run_dir / "metrics.json").is_file():
+            print(f"[{number}/{len(runs)}] {run.name}: done before, skipped")
+            continue
+        print(f"[{number}/{len(runs)}] {run.name}")
+        method = "moco" if run.method == SUPERVISED else run.method
+        mode = {"frozen": ["--frozen"], "finetune": [], SUPERVISED: ["--resnet"]}[run.mode]
+        pretrained = [] if run.method == SUPERVISED else ["--pretrained", str(out / "pretrain" / method / "checkpoint.pth")]
+        epochs = ["--epochs", str(args.downstream_epochs)] if args.downstream_epochs else []
+        status = downstream_script(args.dataset, method, __file__, [
+            *common, *mode, *pretrained, *epochs, "--fraction", str(run.fraction), "--seed", str(run.seed),
+            "--output-dir", str(run_dir)])
+        if status:
+            return status
+
+    rows = result_rows(runs, out, args.dataset)
+    columns = list(dict.fromkeys(r.column for r in runs))
+    fractions = sorted(set(args.fractions), reverse=True)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    tables = markdown_tables(rows, args.dataset, columns, fractions)
+    (out / "results.md").write_text(tables)
+    plot(rows, args.dataset, columns, sorted(fractions), out / "label_efficiency.png")
+    print(f"\n{tables}\nwrote {out / 'results.md'}, {out / 'results.csv'} and {out / 'label_efficiency.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
