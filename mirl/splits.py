@@ -71,7 +71,9 @@ def stratified_group_partition(group_counts: np.ndarray, group_sizes: np.ndarray
 
 def label_fraction_split(labels: np.ndarray, groups: list[str], seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
     """Indices of test, val and each nested training fraction (`train100F` ... `train1F`)."""
-    group_ids, group_of_image = np.unique(np.asarray(groups), return_inverse=True)
+    group_ids, first_seen, group_of_image = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+    # number groups by first appearance, not by (salted, per-process) name, so splits are reproducible
+    group_of_image = np.argsort(np.argsort(first_seen))[group_of_image]
     # "no finding" is a class of its own, so negatives are spread in proportion too
     with_none = np.concatenate([labels, (labels.sum(axis=1) == 0)[:, None]], axis=1).astype(np.float64)
     counts = np.zeros((len(group_ids), with_none.shape[1]))

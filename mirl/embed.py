@@ -1,0 +1,87 @@
+"""A t-SNE picture of what an encoder learned: its features of the test split, coloured by class.
+
+`python -m mirl.embed CHECKPOINT --data-root DIR --split-dir DIR [--out tsne.png]` takes a
+pretraining checkpoint (its encoder) or a downstream one (the network without its head).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from sklearn.manifold import TSNE
+
+from mirl.cli import OneLineParser, guarded, positive_int
+from mirl.datasets import DATASETS
+from mirl.engine import load_checkpoint, resolve_device, resolve_precision
+from mirl.errors import CheckpointError
+from mirl.models import ENCODERS, build_encoder
+from mirl.monitor import extract_features, sample_records
+from mirl.splits import load_splits
+
+
+def encoder_from_checkpoint(path: Path) -> tuple[torch.nn.Module, str]:
+    """The encoder of a MIRL checkpoint, and the dataset it was trained on."""
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("arch") not in ENCODERS:
+        raise CheckpointError(f"{path} is not a MIRL checkpoint with a known architecture")
+    weights = checkpoint.get("encoder") or {k: v for k, v in checkpoint.get("model", {}).items()
+                                            if not k.startswith("fc.")}
+    encoder, _ = build_encoder(checkpoint["arch"])
+    encoder.load_state_dict(weights)
+    return encoder, checkpoint.get("dataset", "")
+
+
+def class_of(labels: np.ndarray, classes: tuple[str, ...]) -> list[str]:
+    """One colour per image: its class, or for multi-label its first positive class ('none' if none)."""
+    return [classes[int(np.argmax(row))] if row.any() else "none" for row in labels]
+
+
+def embed(args: argparse.Namespace) -> None:
+    encoder, dataset = encoder_from_checkpoint(args.checkpoint)
+    description = DATASETS.get(args.dataset or dataset)
+    if description is None:
+        raise CheckpointError(f"{args.checkpoint} does not say its dataset; pass --dataset")
+    description.check_root(args.data_root)
+    records = description.find_labelled(args.data_root)
+    test_ids = set(load_splits(description, records, args.split_dir)["test"])
+    test = sample_records([r for r in records if r.image_id in test_ids], args.max_images, seed=0)
+    device = resolve_device(args.device)
+    features, labels = extract_features(encoder.to(device), test, len(description.classes), args.image_size,
+                                         device, resolve_precision("auto", device), 64, args.workers)
+    points = TSNE(n_components=2, perplexity=min(30.0, (len(features) - 1) / 3), init="pca",
+                  random_state=0).fit_transform(features)
+    names = class_of(labels, description.classes)
+    figure = Figure(figsize=(6.5, 5.5))
+    axis = figure.add_subplot()
+    for name in dict.fromkeys(names):
+        mine = np.array([n == name for n in names])
+        axis.scatter(points[mine, 0], points[mine, 1], s=10, label=name, alpha=0.8)
+    axis.set_title(f"t-SNE of {args.checkpoint.parent.name} features, {description.name} test split")
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.legend(fontsize=8, markerscale=2)
+    figure.tight_layout()
+    figure.savefig(args.out, dpi=120)
+    print(f"wrote {args.out} ({len(features)} test images)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="python -m mirl.embed", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument("--split-dir", type=Path, required=True, help="the split files the runs used")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default=None, help="default: the checkpoint's")
+    parser.add_argument("--out", type=Path, default=Path("tsne.png"))
+    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--max-images", type=positive_int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return guarded(lambda: embed(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

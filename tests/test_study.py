@@ -1,0 +1,51 @@
+"""The label-efficiency study end to end, its resume, the kNN monitor and the t-SNE picture."""
+import csv
+
+import numpy as np
+import torch
+
+from mirl import embed, study
+from mirl.monitor import knn_scores
+
+SIZE = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--device", "cpu",
+        "--epochs", "1", "--downstream-epochs", "1", "--queue-size", "64"]
+
+
+def test_tiny_study_writes_tables_csv_and_plot_then_resumes(rsna_root, tmp_path, capsys):
+    out = tmp_path / "study"
+    argv = ["rsna", "--data-root", str(rsna_root), "--output-dir", str(out), "--fractions", "100", "50",
+            "--methods", "mocov2", "supervised", "--modes", "finetune", "--seeds", "0", *SIZE]
+    assert study.main(argv) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {(r["column"], r["fraction"]) for r in rows} == {("MoCo v2 finetune", "100"), ("MoCo v2 finetune", "50"),
+                                                             ("Supervised", "100"), ("Supervised", "50")}
+    assert all(float(r["test_auc_macro_ci_low"]) <= float(r["test_auc_macro"]) <= float(r["test_auc_macro_ci_high"])
+               for r in rows if r["test_auc_macro_ci_low"])
+    table = (out / "results.md").read_text()
+    assert "| 100 % |" in table and "| 50 % |" in table and "Supervised" in table
+    assert (out / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+    checkpoint = torch.load(out / "pretrain" / "mocov2" / "checkpoint.pth", weights_only=True)
+    assert "knn_auc_macro" in checkpoint["monitor"]  # the online monitor ran during pretraining
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.pth")}
+    capsys.readouterr()
+    assert study.main(argv) == 0
+    second = capsys.readouterr().out
+    assert "reusing" in second and second.count("done before, skipped") == 4
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*.pth")}  # nothing retrained
+
+    picture = tmp_path / "tsne.png"
+    assert embed.main([str(out / "pretrain" / "mocov2" / "checkpoint.pth"), "--data-root", str(rsna_root),
+                       "--split-dir", str(out / "splits"), "--out", str(picture), "--image-size", "32",
+                       "--workers", "0", "--device", "cpu"]) == 0
+    assert picture.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_knn_scores_by_hand():
+    bank = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    labels = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    query = np.array([[1.0, 0.0]])
+    scores = knn_scores(bank, labels, query, k=2, temperature=1.0)
+    # nearest two: bank 0 (cosine 1.0) and bank 2 (cosine 0.6)
+    w0, w2 = np.exp(1.0), np.exp(0.6)
+    np.testing.assert_allclose(scores, [[w0 / (w0 + w2), w2 / (w0 + w2)]])
