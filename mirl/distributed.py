@@ -9,6 +9,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 
 def is_distributed() -> bool:
@@ -68,6 +69,23 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[rank() * ctx.batch:(rank() + 1) * ctx.batch]
 
 
+class _SumWithGrad(torch.autograd.Function):
+    """all_reduce (sum) whose backward sums the gradients the same way: every rank's loss depends
+    on every rank's contribution."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate equally shaped tensors from all ranks along dim 0, gradients flowing back."""
     return _GatherWithGrad.apply(tensor) if is_distributed() else tensor
@@ -93,3 +111,48 @@ def unshuffle_across_ranks(batch: torch.Tensor, inverse: torch.Tensor) -> torch.
     """Undo `shuffle_across_ranks` on the key encoder's output."""
     everything = gather_no_grad(batch)
     return everything[inverse.view(world_size(), -1)[rank()]]
+
+
+class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the whole global batch, all ranks together, with gradients through the statistics.
+
+    SimCLR's global BN: with per-GPU statistics a view could find its twin by BN artefacts alone.
+    torch's SyncBatchNorm does this on CUDA only; this version also runs on gloo (CPU), from one
+    differentiable all_reduce of the per-channel sums. In one process it is plain BatchNorm.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        channels, dims = x.shape[1], [0] + list(range(2, x.dim()))
+        xf = x.float()
+        local = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_tensor([xf.numel() / channels])])
+        total = _SumWithGrad.apply(local)
+        count = total[-1]
+        mean = total[:channels] / count
+        var = total[channels:2 * channels] / count - mean * mean
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)
+            self.num_batches_tracked += 1
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_to_cross_rank_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm in `module` by a CrossRankBatchNorm holding the same parameters."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        converted = CrossRankBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                       module.track_running_stats)
+        converted.load_state_dict(module.state_dict())
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, convert_to_cross_rank_batchnorm(child))
+    return module

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mirl import distributed
 from mirl.augment import RECIPES, BatchAugment
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
 from mirl.engine import RunLog, load_checkpoint, make_loader, predict, resolve_device, resolve_precision, \
@@ -95,6 +96,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
         raise InputError(f"the {args.fraction} % split has {len(train)} image; pick a larger --fraction")
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
+    distributed.init_from_environment(device)
     seed_everything(args.seed)
     classes = description.classes
     model = build_classifier(args.arch, len(classes))
@@ -107,6 +109,9 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
         nn.init.zeros_(model.fc.bias)
     model = model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # `network` trains (wrapped for DDP under torchrun); `model` is the plain torchvision model it wraps
+    network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if distributed.is_distributed() else model
     if args.frozen:
         optimizer = torch.optim.SGD(trainable, lr=args.lr or LINEAR_PROBE_LR, momentum=0.9, weight_decay=0.0)
     else:
@@ -129,7 +134,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     log.json("config.json", config)
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = model(augment(images)).float()
+        logits = network(augment(images)).float()
         if description.multilabel:
             return F.binary_cross_entropy_with_logits(logits, labels)
         return F.cross_entropy(logits, labels.argmax(dim=1))
@@ -167,7 +172,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
         # the linear protocol keeps the frozen encoder's BatchNorm statistics fixed
         model.train(not args.frozen)
 
-    train_epochs(model, step_loss, train_loader, optimizer, scheduler, args.epochs, device, precision, log,
+    train_epochs(step_loss, train_loader, optimizer, scheduler, args.epochs, device, precision, log,
                  end_of_epoch, train_mode)
     model.load_state_dict(best["state"])
     if args.frozen:
@@ -186,5 +191,6 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
                      "classes": list(classes), "model": model.state_dict(), "best_epoch": best["epoch"]},
                     args.output_dir / CHECKPOINT_NAME)
     log.close()
-    print(f"test {selection}: {results['test'][selection]}  (val {selection} {results['val'][selection]}, "
-          f"best epoch {best['epoch']}) -> {args.output_dir / 'metrics.json'}")
+    if distributed.is_main_process():
+        print(f"test {selection}: {results['test'][selection]}  (val {selection} {results['val'][selection]}, "
+              f"best epoch {best['epoch']}) -> {args.output_dir / 'metrics.json'}")

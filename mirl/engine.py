@@ -120,7 +120,7 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a loadable MIRL checkpoint ({reason[:200]})") from None
 
 
-def train_epochs(model: nn.Module, step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+def train_epochs(step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  loader: DataLoader, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, epochs: int, device: torch.device,
                  precision: torch.dtype | None, log: RunLog,

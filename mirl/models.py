@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from mirl.distributed import gather_no_grad, gather_with_grad, is_distributed, shuffle_across_ranks, \
-    unshuffle_across_ranks
+from mirl.distributed import convert_to_cross_rank_batchnorm, gather_no_grad, gather_with_grad, is_distributed, \
+    shuffle_across_ranks, unshuffle_across_ranks
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": torchvision.models.resnet18,
@@ -174,11 +174,10 @@ class SimCLR(nn.Module):
     def __init__(self, arch: str, dim: int = 128, temperature: float = 0.1) -> None:
         super().__init__()
         self.temperature = temperature
-        norm = nn.SyncBatchNorm if is_distributed() else None
-        self.encoder, feature_dim = build_encoder(arch, norm)
-        self.head = projection_head("mlp_bn", feature_dim, dim)
-        if is_distributed():
-            self.head = nn.SyncBatchNorm.convert_sync_batchnorm(self.head)
+        encoder, feature_dim = build_encoder(arch)
+        # BN statistics over the global batch, as SimCLR computes them across its accelerators
+        self.encoder = convert_to_cross_rank_batchnorm(encoder)
+        self.head = convert_to_cross_rank_batchnorm(projection_head("mlp_bn", feature_dim, dim))
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z1 = gather_with_grad(self.head(self.encoder(x1)))

@@ -148,6 +148,6 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
         }, args.output_dir / CHECKPOINT_NAME)
         return summary
 
-    train_epochs(model, step_loss, loader, optimizer, scheduler, args.epochs, device, precision, log,
+    train_epochs(step_loss, loader, optimizer, scheduler, args.epochs, device, precision, log,
                  end_of_epoch, train_mode=model.train)
     log.close()

@@ -1,0 +1,78 @@
+"""torch.distributed on the CPU (gloo): two processes of batch B must train exactly like one of 2B."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mirl.models import MoCo, SimCLR
+
+B = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def images(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(2 * B, 3, 32, 32, generator=generator), torch.randn(2 * B, 3, 32, 32, generator=generator)
+
+
+def simclr_rank(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(SimCLR("resnet18", temperature=0.5))
+    x1, x2 = images(1)
+    mine = slice(rank * B, (rank + 1) * B)
+    loss, _ = model(x1[mine], x2[mine])
+    loss.backward()
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in model.module.named_parameters()}}, out)
+    dist.destroy_process_group()
+
+
+def moco_rank(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = MoCo("resnet18", queue_size=4 * B, momentum=0.0).eval()  # eval: keys independent of batch mates
+    im_q, im_k = images(2)
+    mine = slice(rank * B, (rank + 1) * B)
+    model(im_q[mine], im_k[mine])
+    torch.save({"keys": model.queue.keys.clone(), "filled": model.queue.filled.clone()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_process_simclr_matches_one_process_of_twice_the_batch(tmp_path):
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(simclr_rank, args=(free_port(), out), nprocs=2, join=True)
+    distributed = torch.load(out, weights_only=True)
+    torch.manual_seed(0)
+    model = SimCLR("resnet18", temperature=0.5)
+    x1, x2 = images(1)
+    loss, _ = model(x1, x2)
+    loss.backward()
+    assert abs(distributed["loss"].item() - loss.item()) < 1e-5
+    for name, p in model.named_parameters():
+        # equal up to float summation order: within 1e-4 of the layer's largest gradient
+        scale = p.grad.abs().max().item()
+        torch.testing.assert_close(distributed["grads"][name], p.grad, rtol=0, atol=1e-4 * scale + 1e-8, msg=name)
+
+
+def test_two_process_moco_fills_the_queue_with_both_ranks_keys(tmp_path):
+    out = str(tmp_path / "queue")
+    mp.spawn(moco_rank, args=(free_port(), out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    model = MoCo("resnet18", queue_size=4 * B, momentum=0.0, bn_splits=1).eval()
+    _, im_k = images(2)
+    expected = torch.nn.functional.normalize(model.head_k(model.encoder_k(im_k)), dim=1).detach()
+    for state in ranks:
+        assert state["filled"].item() == 2 * B
+        torch.testing.assert_close(state["keys"][:2 * B], expected, rtol=1e-4, atol=1e-5)
