@@ -1,4 +1,4 @@
-"""The ISIC-shaped CSV reader, the NIfTI reader on nibabel's own example files, ACDC's Info.cfg and
+"""The RSNA long label CSV, the ISIC-shaped CSV reader, the NIfTI reader on nibabel's own example files, ACDC's Info.cfg and
 the patient vote, against values worked out by hand."""
 import os
 
@@ -8,9 +8,42 @@ import pytest
 from nibabel.testing import data_path
 from PIL import Image
 
-from mirl.datasets import ACDC, ISIC, decode_record, find_images, read_info_cfg, read_label_csv
+from mirl.datasets import (ACDC, ISIC, RSNA_CLASSES, decode_record, find_images, read_info_cfg, read_label_csv,
+                           read_rsna_labels)
 from mirl.errors import DataError
 from mirl.metrics import evaluate, patient_vote_accuracy
+
+
+def write_rsna_csv(path, rows):
+    path.write_text("ID,Label\n" + "".join(f"{image_id},{label}\n" for image_id, label in rows))
+    return path
+
+
+def rsna_rows(image_id, positives):
+    return [(f"{image_id}_{name}", int(name in positives)) for name in RSNA_CLASSES]
+
+
+def test_rsna_csv_pivots_to_one_row_per_image_in_any_row_order(tmp_path):
+    rows = (rsna_rows("ID_b2", {"subdural", "any"}) + rsna_rows("ID_a_1", {"epidural", "any"})
+            + rsna_rows("ID_c3", set()))
+    rows = rows[::-1] + rows[:2]  # reversed, and two exact repeats as the real file has
+    wide = read_rsna_labels(write_rsna_csv(tmp_path / "stage_2_train.csv", rows))
+    assert list(wide.index) == ["ID_a_1", "ID_b2", "ID_c3"]  # an underscore inside the id survives
+    assert list(wide.columns) == list(RSNA_CLASSES)
+    np.testing.assert_array_equal(wide.loc["ID_a_1"], [1, 0, 0, 0, 0, 1])
+    np.testing.assert_array_equal(wide.loc["ID_b2"], [0, 0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(wide.loc["ID_c3"], [0, 0, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("rows,message", [
+    (rsna_rows("ID_a", {"any"}) + [("ID_a_any", 0)], "row 8: ID_a_any appears with different labels"),
+    (rsna_rows("ID_a", set())[:5], "image ID_a lacks a label"),
+    (rsna_rows("ID_a", set()) + [("ID_a_bleed", 0)], "row 8: ID_a_bleed does not end in one of"),
+    (rsna_rows("ID_a", set())[:5] + [("ID_a_any", 2)], "row 7: Label 2 is not 0 or 1"),
+])
+def test_rsna_csv_errors_name_the_row(tmp_path, rows, message):
+    with pytest.raises(DataError, match=message):
+        read_rsna_labels(write_rsna_csv(tmp_path / "stage_2_train.csv", rows))
 
 
 @pytest.fixture
