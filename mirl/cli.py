@@ -56,6 +56,12 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epo
                         help="autocast dtype; auto is bf16 where the device runs it fast")
     parser.add_argument("--lr", type=positive_float, default=None, help="base learning rate (method default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="folder of decoded-image caches (mirl.cache): built on first use, then read "
+                             "instead of decoding every image every epoch")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="channels_last memory format (faster convolutions on GPUs and oneDNN CPUs)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network (slow first steps)")
     parser.add_argument("--labels", type=Path, default=None,
                         help="your own labels: a CSV with an image column and one 0/1 column per class, images "
                              "(PNG/JPEG/DICOM) found by name under --data-root")

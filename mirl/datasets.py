@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,9 @@ from torch.utils.data import Dataset
 from mirl.errors import DataError, UnreadableImageError
 from mirl.imaging import DICOM_SUFFIXES, NIFTI_SUFFIXES, PHOTO_SUFFIXES, dicom_patient_group, image_suffix, \
     nifti_slice_count, read_dicom_image, read_nifti_slice, read_photo
+
+if TYPE_CHECKING:
+    from mirl.cache import DecodedImageCache
 
 
 @dataclass(frozen=True)
@@ -377,13 +380,19 @@ DATASETS: dict[str, DatasetDescription] = {"rsna": RSNA, "isic": ISIC, "acdc": A
 class ImageDataset(Dataset):
     """Decodes records into C x S x S uint8 tensors; an unreadable file yields `ok=False`, not an error.
 
+    With a decoded-image `cache` (mirl.cache), images are read from its memory map instead of decoded.
     Augmentation is not done here: the training loop augments whole batches on the device.
     """
 
-    def __init__(self, records: list[ImageRecord], image_size: int, num_classes: int) -> None:
+    def __init__(self, records: list[ImageRecord], image_size: int, num_classes: int,
+                 cache: DecodedImageCache | None = None) -> None:
         self.records = records
         self.image_size = image_size
         self.num_classes = num_classes
+        self.cache = cache
+        # cache rows as one array, not per-record objects, so workers share it copy-on-write
+        self.cache_rows = np.array([-1 if (row := cache.row(r)) is None else row for r in records]) \
+            if cache is not None else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -391,6 +400,9 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
         record = self.records[index]
         labels = torch.zeros(self.num_classes) if record.labels is None else torch.tensor(record.labels)
+        if self.cache_rows is not None and self.cache_rows[index] >= 0:
+            image, readable = self.cache.read(self.cache_rows[index])
+            return image, labels, readable
         try:
             array = decode_record(record)
         except UnreadableImageError:

@@ -34,6 +34,12 @@ def init_from_environment(device: torch.device) -> None:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 

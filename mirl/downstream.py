@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from mirl import distributed
 from mirl.augment import RECIPES, BatchAugment
+from mirl.cache import open_cache
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
-from mirl.engine import RunLog, load_checkpoint, make_loader, predict, resolve_device, resolve_precision, \
-    save_checkpoint, seed_everything, train_epochs
+from mirl.engine import RunLog, load_checkpoint, make_loader, predict, prepare_network, resolve_device, \
+    resolve_precision, save_checkpoint, seed_everything, train_epochs
 from mirl.errors import CheckpointError, InputError
 from mirl.metrics import bootstrap_interval, evaluate, primary_metric, reported_metrics
 from mirl.models import build_classifier
@@ -107,7 +108,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
             p.requires_grad = name.startswith("fc.")
         nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
         nn.init.zeros_(model.fc.bias)
-    model = model.to(device)
+    model = prepare_network(model, device, args.channels_last, args.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # `network` trains (wrapped for DDP under torchrun); `model` is the plain torchvision model it wraps
     network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -117,8 +118,10 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     else:
         optimizer = torch.optim.AdamW(trainable, lr=args.lr or FINETUNE_LR, weight_decay=1e-4)
 
+    cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers) if args.cache else None
+
     def dataset(split: list[ImageRecord]) -> ImageDataset:
-        return ImageDataset(split, args.image_size, len(classes))
+        return ImageDataset(split, args.image_size, len(classes), cache)
 
     train_loader = make_loader(dataset(train), min(args.batch_size, len(train)), args.workers, shuffle=True,
                                drop_last=False, seed=args.seed)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.models import ResNet
 from tqdm import tqdm
 
 from mirl.augment import normalize
@@ -48,6 +49,18 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+def prepare_network(model: nn.Module, device: torch.device, channels_last: bool, compile_resnets: bool) -> nn.Module:
+    """Move a network to its device, in channels_last layout when asked (convolutions then skip layout
+    conversions; a convolution runs channels_last when its weight is, whatever its input), and compile
+    each ResNet inside it in place with torch.compile, so parameter names and checkpoints are unchanged."""
+    model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
+    if compile_resnets:
+        for module in model.modules():
+            if isinstance(module, ResNet):
+                module.compile()
+    return model
 
 
 def seed_everything(seed: int) -> None:

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mirl.augment import normalize
+from mirl.cache import DecodedImageCache
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
 from mirl.engine import make_loader
 from mirl.metrics import evaluate, primary_metric
@@ -23,9 +24,9 @@ from mirl.metrics import evaluate, primary_metric
 @torch.no_grad()
 def extract_features(encoder: nn.Module, records: list[ImageRecord], num_classes: int, image_size: int,
                      device: torch.device, precision: torch.dtype | None, batch_size: int,
-                     workers: int) -> tuple[np.ndarray, np.ndarray]:
+                     workers: int, cache: DecodedImageCache | None = None) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised features and label vectors of every readable record (unreadable ones left out)."""
-    loader = make_loader(ImageDataset(records, image_size, num_classes), batch_size, workers, shuffle=False,
+    loader = make_loader(ImageDataset(records, image_size, num_classes, cache), batch_size, workers, shuffle=False,
                          drop_last=False, seed=0)
     was_training = encoder.training
     encoder.eval()
@@ -58,11 +59,11 @@ class KnnMonitor:
 
     def __init__(self, description: DatasetDescription, bank: list[ImageRecord], queries: list[ImageRecord],
                  image_size: int, device: torch.device, precision: torch.dtype | None, batch_size: int,
-                 workers: int) -> None:
+                 workers: int, cache: DecodedImageCache | None = None) -> None:
         self.description = description
         self.bank, self.queries = bank, queries
         self.settings = dict(num_classes=len(description.classes), image_size=image_size, device=device,
-                             precision=precision, batch_size=batch_size, workers=workers)
+                             precision=precision, batch_size=batch_size, workers=workers, cache=cache)
         self.metric = primary_metric(description.multilabel)
 
     def __call__(self, encoder: nn.Module) -> dict[str, float | None]:

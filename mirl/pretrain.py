@@ -14,9 +14,10 @@ import torch.nn as nn
 
 from mirl import distributed
 from mirl.augment import BatchAugment, recipe_for
+from mirl.cache import open_cache
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
-from mirl.engine import RunLog, make_loader, resolve_device, resolve_precision, save_checkpoint, seed_everything, \
-    train_epochs
+from mirl.engine import RunLog, make_loader, prepare_network, resolve_device, resolve_precision, save_checkpoint, \
+    seed_everything, train_epochs
 from mirl.errors import InputError
 from mirl.models import MoCo, SimCLR
 from mirl.monitor import KnnMonitor, sample_records
@@ -107,11 +108,12 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
 
     distributed.init_from_environment(device)
     seed_everything(args.seed)
-    model = build_model(method, args).to(device)
+    model = prepare_network(build_model(method, args), device, args.channels_last, args.compile)
     if distributed.is_distributed():
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     core = model.module if distributed.is_distributed() else model
-    dataset = ImageDataset(records, args.image_size, len(description.classes))
+    cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers) if args.cache else None
+    dataset = ImageDataset(records, args.image_size, len(description.classes), cache)
     loader = make_loader(dataset, args.batch_size, args.workers, shuffle=True, drop_last=True, seed=args.seed)
     optimizer = build_optimizer(model, method, args)
     total_steps = args.epochs * len(loader)
@@ -134,7 +136,7 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     if monitor_sets and args.knn_images > 0 and distributed.is_main_process():
         monitor = KnnMonitor(description, sample_records(monitor_sets["train100F"], args.knn_images, args.seed),
                              sample_records(monitor_sets["val"], args.knn_images // 2, args.seed), args.image_size,
-                             device, precision, args.batch_size, args.workers)
+                             device, precision, args.batch_size, args.workers, cache)
 
     def end_of_epoch(epoch: int) -> dict[str, float]:
         summary = monitor(core.feature_encoder()) if monitor else {}

@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--queue-size", type=positive_int, default=None, help="MoCo queue (default 65536)")
+    parser.add_argument("--cache", type=Path, default=None, help="decoded-image cache folder shared by all runs")
     args = parser.parse_args(argv)
     out = args.output_dir
     split_dir = args.split_dir or out / "splits"
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
               "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--device", args.device]
     if args.workers is not None:
         common += ["--workers", str(args.workers)]
+    if args.cache is not None:
+        common += ["--cache", str(args.cache)]
 
     for method in (m for m in args.methods if m != SUPERVISED):
         checkpoint = out / "pretrain" / method / "checkpoint.pth"

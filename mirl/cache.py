@@ -1,0 +1,153 @@
+"""The decoded-image cache: every slice decoded once (HU, windows, resize) into a memory-mapped uint8 array.
+
+Decoding a DICOM costs about a millisecond and a JPEG more; at GPU rates no CPU can do it every epoch.
+The cache holds one C x S x S uint8 image per source image of a dataset, in a `.npy` file that training
+reads through a memory map, so later epochs and later runs read at memory speed and a process's memory
+does not grow with the dataset (the operating system's page cache holds what is hot).
+
+A cache lives in `CACHE_ROOT/<dataset>-<size>px-<key>/`, where the key hashes the preprocessing settings
+and every source file's path, slice, size and modification time: change a file, the image size or the
+reader and the next run builds a new cache instead of reading stale pixels. It is written into a
+temporary folder and renamed when complete, so an interrupted build is never mistaken for a cache.
+
+    python -m mirl.cache rsna --data-root DIR --cache DIR --image-size 224
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mirl import distributed
+from mirl.datasets import DATASETS, DatasetDescription, ImageDataset, ImageRecord
+from mirl.errors import InputError
+
+# Bump when decoding changes (windows, normalisation, resizing): old caches then stop matching.
+CACHE_FORMAT = 1
+IMAGES_FILE, READABLE_FILE, INDEX_FILE = "images.npy", "readable.npy", "index.json"
+
+
+def source_key(record: ImageRecord) -> str:
+    """How a cache names one source image: its file and, for a volume, the slice and frame."""
+    return f"{record.path}#{record.index}" if record.index is not None else str(record.path)
+
+
+def dataset_images(description: DatasetDescription, root: Path) -> list[ImageRecord]:
+    """Every image any run on this dataset may read: the labelled ones and the pretraining ones."""
+    labelled = description.find_labelled(root) if description.has_labels(root) else None
+    records = [*(labelled or []), *description.pretraining_images(root, labelled)]
+    unique = {source_key(r): r for r in records}
+    return [unique[k] for k in sorted(unique)]
+
+
+def cache_key(description: DatasetDescription, records: list[ImageRecord], image_size: int) -> str:
+    digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "dataset": description.name,
+                                        "image_size": image_size}).encode())
+    for record in records:
+        stat = record.path.stat()
+        digest.update(f"{source_key(record)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+class DecodedImageCache:
+    """A built cache: `read(key)` gives the uint8 image and whether its source was readable.
+
+    The memory map is opened lazily in each process, so the object pickles cheaply into DataLoader
+    workers (pickling an open np.memmap would copy the whole array).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        index = json.loads((folder / INDEX_FILE).read_text())
+        self.rows = {key: row for row, key in enumerate(index["sources"])}
+        self.readable = np.load(folder / READABLE_FILE)
+        self._images: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_images": None}
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = np.load(self.folder / IMAGES_FILE, mmap_mode="r")
+        return self._images
+
+    def row(self, record: ImageRecord) -> int | None:
+        return self.rows.get(source_key(record))
+
+    def read(self, row: int) -> tuple[torch.Tensor, bool]:
+        return torch.from_numpy(np.array(self.images[row])), bool(self.readable[row])
+
+
+def build_cache(records: list[ImageRecord], image_size: int, folder: Path, workers: int) -> None:
+    """Decode every record once with `workers` processes and write the cache folder atomically."""
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    partial.mkdir(parents=True)
+    try:
+        images = np.lib.format.open_memmap(partial / IMAGES_FILE, mode="w+", dtype=np.uint8,
+                                           shape=(len(records), 3, image_size, image_size))
+        readable = np.zeros(len(records), dtype=bool)
+        loader = DataLoader(ImageDataset(records, image_size, num_classes=0), batch_size=64, num_workers=workers)
+        row = 0
+        for batch, _, ok in tqdm(loader, desc=f"decoding into {folder.name}", unit="batch"):
+            images[row:row + len(batch)] = batch.numpy()
+            readable[row:row + len(batch)] = ok.numpy()
+            row += len(batch)
+        images.flush()
+        del images
+        np.save(partial / READABLE_FILE, readable)
+        (partial / INDEX_FILE).write_text(json.dumps({"format": CACHE_FORMAT, "image_size": image_size,
+                                                      "sources": [source_key(r) for r in records]}))
+        os.replace(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def open_cache(description: DatasetDescription, root: Path, image_size: int, cache_root: Path,
+               workers: int) -> DecodedImageCache:
+    """The dataset's cache for these settings, built first if it does not exist (by rank 0 under DDP)."""
+    records = dataset_images(description, root)
+    if not records:
+        raise InputError(f"no images found under {root}; {description.data_hint}")
+    folder = cache_root / f"{description.name}-{image_size}px-{cache_key(description, records, image_size)}"
+    if not folder.is_dir() and distributed.is_main_process():
+        try:
+            cache_root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InputError(f"cannot create the cache folder {cache_root}: {error.strerror}") from None
+        build_cache(records, image_size, folder, workers)
+    distributed.barrier()
+    return DecodedImageCache(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mirl.cli import OneLineParser, guarded, positive_int
+    parser = OneLineParser(prog="python -m mirl.cache",
+                           description="Decode a dataset once into the memory-mapped cache that --cache reads.")
+    parser.add_argument("dataset", choices=sorted(DATASETS))
+    parser.add_argument("--data-root", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, required=True, help="folder that holds the caches")
+    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (all cores)")
+    args = parser.parse_args(argv)
+
+    def build() -> None:
+        description = DATASETS[args.dataset]
+        description.check_root(args.data_root)
+        cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers)
+        unreadable = int((~cache.readable).sum())
+        print(f"{cache.folder}: {len(cache.readable)} images, {unreadable} unreadable")
+    return guarded(build)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
