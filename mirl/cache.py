@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ IMAGES_FILE, READABLE_FILE, INDEX_FILE = "images.npy", "readable.npy", "index.js
 
 def source_key(record: ImageRecord) -> str:
     """How a cache names one source image: its file and, for a volume, the slice and frame."""
-    return f"{record.path}#{record.index}" if record.index is not None else str(record.path)
+    return f"{record.path}#{record.index}" if record.index else str(record.path)
 
 
 def dataset_images(description: DatasetDescription, root: Path) -> list[ImageRecord]:
@@ -96,7 +97,8 @@ def build_cache(records: list[ImageRecord], image_size: int, folder: Path, worke
         images = np.lib.format.open_memmap(partial / IMAGES_FILE, mode="w+", dtype=np.uint8,
                                            shape=(len(records), 3, image_size, image_size))
         readable = np.zeros(len(records), dtype=bool)
-        loader = DataLoader(ImageDataset(records, image_size, num_classes=0), batch_size=64, num_workers=workers)
+        unlabelled = [replace(r, labels=None) for r in records]  # pixels only: labels live in the readers
+        loader = DataLoader(ImageDataset(unlabelled, image_size, num_classes=0), batch_size=64, num_workers=workers)
         row = 0
         for batch, _, ok in tqdm(loader, desc=f"decoding into {folder.name}", unit="batch"):
             images[row:row + len(batch)] = batch.numpy()
