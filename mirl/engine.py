@@ -7,6 +7,7 @@ callback they hand to `train_epochs`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from contextlib import nullcontext
@@ -105,7 +106,8 @@ class RunLog:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Write through a temporary file of this process and rename: readers see the old or the new text."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -133,6 +135,35 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a loadable MIRL checkpoint ({reason[:200]})") from None
 
 
+class TrainingStep:
+    """One optimisation step: `step_loss(images, labels)` under autocast, backward (scaled for fp16),
+    optimizer and scheduler. A non-finite loss stops training before it corrupts the weights."""
+
+    def __init__(self, step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                 device: torch.device, precision: torch.dtype | None) -> None:
+        self.step_loss, self.optimizer, self.scheduler = step_loss, optimizer, scheduler
+        self.device, self.precision = device, precision
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+        self.steps = 0
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        with torch.autocast(self.device.type, dtype=self.precision) if self.precision else nullcontext():
+            loss = self.step_loss(images, labels)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {self.steps}; "
+                                     "lower the learning rate or use --precision fp32")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.steps += 1
+        return value
+
+
 def train_epochs(step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  loader: DataLoader, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, epochs: int, device: torch.device,
@@ -140,9 +171,8 @@ def train_epochs(step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
                  end_of_epoch: Callable[[int], dict[str, float]], train_mode: Callable[[], None]) -> None:
     """Run `epochs` epochs of `step_loss` (images, labels) -> loss; unreadable images are dropped
     from their batch and counted. `end_of_epoch(epoch)` returns numbers for the progress bar."""
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    autocast = (lambda: torch.autocast(device.type, dtype=precision)) if precision else nullcontext
-    step, skipped = 0, 0
+    train_step = TrainingStep(step_loss, optimizer, scheduler, device, precision)
+    skipped = 0
     epoch_bar = tqdm(range(epochs), desc="epochs", unit="epoch", disable=not is_main_process())
     for epoch in epoch_bar:
         if isinstance(loader.sampler, DistributedSampler):
@@ -154,22 +184,10 @@ def train_epochs(step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
             skipped += int((~ok).sum())
             if ok.sum() < 2:  # BatchNorm and contrastive pairs need at least two images
                 continue
-            images = images[ok].to(device, non_blocking=True)
-            labels = labels[ok].to(device, non_blocking=True)
-            with autocast():
-                loss = step_loss(images, labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step} (epoch {epoch + 1}); "
-                                         "lower the learning rate or use --precision fp32")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            log.scalar("train/loss", loss.item(), step)
-            log.scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-            batch_bar.set_postfix(loss=f"{loss.item():.4f}", skipped=skipped)
-            step += 1
+            loss = train_step(images[ok].to(device, non_blocking=True), labels[ok].to(device, non_blocking=True))
+            log.scalar("train/loss", loss, train_step.steps)
+            log.scalar("train/lr", optimizer.param_groups[0]["lr"], train_step.steps)
+            batch_bar.set_postfix(loss=f"{loss:.4f}", skipped=skipped)
         log.scalar("data/skipped_images", skipped, epoch)
         summary = end_of_epoch(epoch)
         epoch_bar.set_postfix({k: f"{v:.4f}" for k, v in summary.items() if v is not None}, skipped=skipped)

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mirl.datasets import DATASETS, DatasetDescription, ImageRecord
+from mirl.engine import atomic_write_text
 from mirl.errors import DataError, InputError
 
 FRACTIONS = (100, 50, 20, 10, 5, 1)
@@ -102,12 +103,15 @@ def read_split(path: Path) -> list[str]:
 
 
 def make_splits(description: DatasetDescription, records: list[ImageRecord], split_dir: Path) -> None:
-    """Read each image's patient, split, and write the split files."""
+    """Read each image's patient, split, and write the split files.
+
+    The split is deterministic and each file is replaced atomically, so several torchrun processes that
+    all find the files missing write the same bytes and none of them can read a half-written file."""
     groups = [description.patient_group(r) for r in tqdm(records, desc="reading patients for splits", unit="img")]
     labels = np.stack([r.labels for r in records])
     split_dir.mkdir(parents=True, exist_ok=True)
     for name, indices in label_fraction_split(labels, groups).items():
-        (split_dir / f"{name}.txt").write_text("".join(f"{records[i].image_id}\n" for i in indices))
+        atomic_write_text(split_dir / f"{name}.txt", "".join(f"{records[i].image_id}\n" for i in indices))
 
 
 def load_splits(description: DatasetDescription, records: list[ImageRecord], split_dir: Path) -> dict[str, list[str]]:

@@ -1,0 +1,262 @@
+"""How fast pretraining runs on this device, and how much of that the input pipeline keeps.
+
+    python -m mirl.benchmark --method mocov2 --arch resnet50 --image-size 112 --batch-size 32 --steps 10 \
+        --json bench.json
+
+Measured after warm-up, in images per second (image pairs per second for the contrastive methods):
+
+- `model_only_per_s`: training steps on views already on the device: the ceiling.
+- `pipeline_per_s`: MIRL's real path: decoded-image cache, DataLoader, augmentation of whole batches on
+  the device, mixed precision, channels_last, fused momentum update.
+- `efficiency`: pipeline / model-only, the share of the ceiling the input pipeline keeps.
+- `baseline_per_s`: the papers' recipe on the same model: fp32, per-sample PIL augmentation in
+  DataLoader workers, a Python loop over parameters for the momentum update, every file decoded every
+  time it is read. `speedup_vs_baseline` = pipeline / baseline.
+- `decode_per_s` (one core decoding DICOM, converting to HU, windowing and resizing) and
+  `cache_read_per_s` (one core reading the same images from the cache).
+- `peak_memory_mb`: the device's peak allocation on CUDA, the process's peak resident memory on the CPU.
+
+Without `--data-root`, it writes RSNA-format sample DICOMs at the real 512-pixel size into a temporary
+folder. No timing here is a test: targets are checked by reading the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, AugmentRecipe, BatchAugment, recipe_for
+from mirl.cache import dataset_images, open_cache
+from mirl.datasets import DATASETS, ImageDataset, ImageRecord, decode_record
+from mirl.engine import TrainingStep, make_loader, prepare_network, resolve_device, resolve_precision
+from mirl.models import MoCo, SimCLR
+from mirl.pretrain import METHODS, build_model, build_optimizer
+from mirl.sample_data import write_rsna
+
+
+class LoopMomentumMoCo(MoCo):
+    """MoCo with the reference code's momentum update: one Python-level update per parameter pair."""
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        for online, target in zip(self._online_params(), self._target_params()):
+            target.mul_(self.momentum).add_(online.detach(), alpha=1.0 - self.momentum)
+
+
+def pil_views(recipe: AugmentRecipe, size: int) -> T.Compose:
+    """The papers' per-sample PIL augmentation with torchvision's classic transforms, same ranges."""
+    sigma = tuple(s * size / REFERENCE_SIZE for s in recipe.blur_sigma)
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=recipe.crop_scale, ratio=recipe.crop_ratio),
+        T.RandomApply([T.ColorJitter(recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)],
+                      p=recipe.jitter_p),
+        T.RandomGrayscale(recipe.grayscale_p),
+        T.RandomApply([T.GaussianBlur(2 * math.ceil(3 * sigma[1]) + 1, sigma)], p=recipe.blur_p),
+        T.RandomHorizontalFlip(recipe.flip_p),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class DecodeAndAugmentEveryTime(Dataset):
+    """The reference data path: decode the file, then augment two views on the CPU, at every read."""
+
+    def __init__(self, records: list[ImageRecord], transform: T.Compose) -> None:
+        self.records, self.transform = records, transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = Image.fromarray(decode_record(self.records[index]))
+        return torch.stack([self.transform(image), self.transform(image)])
+
+
+def timed_rate(run_one: Callable[[], int], warmup: int, steps: int, device: torch.device) -> float:
+    """Items per second over `steps` calls of `run_one` (each returns its item count), after `warmup`."""
+    for _ in range(warmup):
+        run_one()
+    synchronize(device)
+    start, items = time.perf_counter(), 0
+    for _ in range(steps):
+        items += run_one()
+    synchronize(device)
+    return items / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pretraining_model(method: str, args: argparse.Namespace, reference: bool) -> torch.nn.Module:
+    if reference and METHODS[method].queue:
+        spec = METHODS[method]
+        return LoopMomentumMoCo(args.arch, head=spec.head, queue_size=args.queue_size, momentum=args.moco_momentum,
+                                temperature=args.temperature, bn_splits=args.bn_splits)
+    return build_model(METHODS[method], args)
+
+
+def contrastive_step(model: torch.nn.Module, method: str, args: argparse.Namespace, device: torch.device,
+                     precision: torch.dtype | None, views: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                     ) -> TrainingStep:
+    optimizer = build_optimizer(model, METHODS[method], args)
+    return TrainingStep(lambda images, _: model(*views(images))[0], optimizer, None, device, precision)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -> dict:
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    description = DATASETS[args.dataset]
+    records = dataset_images(description, data_root)
+    recipe = recipe_for(args.method, "paper")
+    augment = BatchAugment(recipe, args.image_size)
+    torch.manual_seed(0)
+
+    decoded = ImageDataset(records, args.image_size, 0)
+    picks = iter(np.random.default_rng(0).integers(len(records), size=10 ** 6))
+
+    def decode_one() -> int:
+        decoded[int(next(picks))]
+        return 1
+    decode_per_s = timed_rate(decode_one, 2, min(len(records), 200), torch.device("cpu"))
+    cache = open_cache(description, data_root, args.image_size, cache_root, args.workers)
+
+    def read_one() -> int:
+        cache.read(int(next(picks)))
+        return 1
+    cache_read_per_s = timed_rate(read_one, 2, 5000, torch.device("cpu"))
+
+    # the real path, and the ceiling: the same step on views already on the device
+    model = prepare_network(pretraining_model(args.method, args, reference=False), device, True, args.compile)
+    model.train()
+    loader = make_loader(ImageDataset(records, args.image_size, 0, cache), args.batch_size, args.workers,
+                         shuffle=True, drop_last=True, seed=0)
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    pipeline_step = contrastive_step(model, args.method, args, device, precision,
+                                     lambda images: (augment(images), augment(images)))
+
+    def pipeline_one() -> int:
+        images, _, ok = next(batches)
+        pipeline_step(images[ok].to(device, non_blocking=True), None)
+        return int(ok.sum())
+    pipeline_per_s = timed_rate(pipeline_one, args.warmup, args.steps, device)
+
+    first = next(batches)[0].to(device)
+    fixed_views = torch.stack([augment(first), augment(first)]).contiguous()
+    model_step = contrastive_step(model, args.method, args, device, precision, lambda views: (views[0], views[1]))
+
+    def model_only_one() -> int:
+        model_step(fixed_views, None)
+        return args.batch_size
+    model_only_per_s = timed_rate(model_only_one, args.warmup, args.steps, device)
+    del model, loader, batches
+
+    baseline_per_s = None
+    if not args.skip_baseline:
+        reference = pretraining_model(args.method, args, reference=True).to(device)
+        reference.train()
+        reference_loader = DataLoader(DecodeAndAugmentEveryTime(records, pil_views(recipe, args.image_size)),
+                                      batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                      num_workers=args.workers, persistent_workers=args.workers > 0,
+                                      pin_memory=device.type == "cuda")
+        reference_batches = itertools.chain.from_iterable(itertools.repeat(reference_loader))
+        reference_step = contrastive_step(reference, args.method, args, device, None,
+                                          lambda views: (views[:, 0], views[:, 1]))
+
+        def baseline_one() -> int:
+            views = next(reference_batches)
+            reference_step(views.to(device, non_blocking=True), None)
+            return len(views)
+        baseline_per_s = timed_rate(baseline_one, args.warmup, args.steps, device)
+
+    return {
+        "model_only_per_s": model_only_per_s,
+        "pipeline_per_s": pipeline_per_s,
+        "efficiency": pipeline_per_s / model_only_per_s,
+        "baseline_per_s": baseline_per_s,
+        "speedup_vs_baseline": pipeline_per_s / baseline_per_s if baseline_per_s else None,
+        "decode_per_s": decode_per_s,
+        "cache_read_per_s": cache_read_per_s,
+        "cache_vs_decode": cache_read_per_s / decode_per_s,
+        "peak_memory_mb": peak_memory_mb(device),
+        "unit": "image pairs/s",
+        "device": device_name(device),
+        "precision": str(precision or "fp32").replace("torch.", ""),
+        "torch": torch.__version__,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "images": len(records),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mirl.cli import OneLineParser, guarded, positive_int
+    parser = OneLineParser(prog="python -m mirl.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", choices=sorted(METHODS), default="mocov2")
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps of each kind")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoders")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="rsna")
+    parser.add_argument("--data-root", type=Path, default=None, help="default: sample RSNA DICOMs in a temp folder")
+    parser.add_argument("--cache", type=Path, default=None, help="default: a temp folder")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    spec = METHODS[args.method]
+    args.lr, args.optimizer, args.temperature = None, spec.optimizer, spec.temperature
+    args.queue_size, args.moco_momentum, args.bn_splits = 65536, 0.999, 8
+
+    def benchmark() -> None:
+        with tempfile.TemporaryDirectory(prefix="mirl-benchmark-") as scratch:
+            data_root = args.data_root
+            if data_root is None:
+                needed = (args.warmup + args.steps + 1) * args.batch_size
+                data_root = write_rsna(Path(scratch) / "data", patients=max(8, math.ceil(needed / 8)), size=512)
+            else:
+                DATASETS[args.dataset].check_root(data_root)
+            results = run_benchmark(args, data_root, args.cache or Path(scratch) / "cache")
+        text = json.dumps(results, indent=2)
+        if args.json:
+            args.json.write_text(text + "\n")
+        print(text)
+    return guarded(benchmark)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
