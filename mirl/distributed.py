@@ -153,7 +153,10 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def convert_to_cross_rank_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm in `module` by a CrossRankBatchNorm holding the same parameters."""
+    """Make every BatchNorm in `module` use global-batch statistics: torch's SyncBatchNorm under NCCL,
+    else (gloo on CPUs, or one process) a CrossRankBatchNorm holding the same parameters."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         converted = CrossRankBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                        module.track_running_stats)
