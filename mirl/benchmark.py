@@ -87,16 +87,24 @@ class DecodeAndAugmentEveryTime(Dataset):
         return torch.stack([self.transform(image), self.transform(image)])
 
 
-def timed_rate(run_one: Callable[[], int], warmup: int, steps: int, device: torch.device) -> float:
-    """Items per second over `steps` calls of `run_one` (each returns its item count), after `warmup`."""
-    for _ in range(warmup):
-        run_one()
-    synchronize(device)
-    start, items = time.perf_counter(), 0
-    for _ in range(steps):
-        items += run_one()
-    synchronize(device)
-    return items / (time.perf_counter() - start)
+def timed_rates(runners: dict[str, Callable[[], int]], warmup: int, steps: int, device: torch.device,
+                block: int = 5) -> dict[str, float]:
+    """Items per second of each runner (each call returns its item count) over `steps` calls, after
+    `warmup` calls each. Runners take turns in blocks of `block` calls, so a slow drift of the machine
+    (a noisy neighbour, the clock) weighs on all of them alike instead of on whichever runs last."""
+    for run_one in runners.values():
+        for _ in range(warmup):
+            run_one()
+    seconds, items = dict.fromkeys(runners, 0.0), dict.fromkeys(runners, 0)
+    for start in range(0, steps, block):
+        for name, run_one in runners.items():
+            synchronize(device)
+            began = time.perf_counter()
+            for _ in range(min(block, steps - start)):
+                items[name] += run_one()
+            synchronize(device)
+            seconds[name] += time.perf_counter() - began
+    return {name: items[name] / seconds[name] for name in runners}
 
 
 def synchronize(device: torch.device) -> None:
@@ -149,37 +157,38 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
     def decode_one() -> int:
         decoded[int(next(picks))]
         return 1
-    decode_per_s = timed_rate(decode_one, 2, min(len(records), 200), torch.device("cpu"))
+    decode_per_s = timed_rates({"decode": decode_one}, 2, min(len(records), 200), torch.device("cpu"))["decode"]
     cache = open_cache(description, data_root, args.image_size, cache_root, args.workers)
 
     def read_one() -> int:
         cache.read(int(next(picks)))
         return 1
-    cache_read_per_s = timed_rate(read_one, 2, 5000, torch.device("cpu"))
+    cache_read_per_s = timed_rates({"read": read_one}, 2, 5000, torch.device("cpu"))["read"]
 
-    # the real path, and the ceiling: the same step on views already on the device
+    # the ceiling (steps on views already on the device) and the real path (cache, loader, augmentation
+    # on the device) on the same model, measured in alternating blocks
     model = prepare_network(pretraining_model(args.method, args, reference=False), device, True, args.compile)
     model.train()
+    sample = ImageDataset(records[:args.batch_size], args.image_size, 0, cache)
+    first = torch.stack([sample[i][0] for i in range(len(sample))]).to(device)
+    fixed_views = torch.stack([augment(first), augment(first)]).contiguous()
+    model_step = contrastive_step(model, args.method, args, device, precision, lambda views: (views[0], views[1]))
     loader = make_loader(ImageDataset(records, args.image_size, 0, cache), args.batch_size, args.workers,
                          shuffle=True, drop_last=True, seed=0)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
     pipeline_step = contrastive_step(model, args.method, args, device, precision,
                                      lambda images: (augment(images), augment(images)))
 
+    def model_only_one() -> int:
+        model_step(fixed_views, None)
+        return args.batch_size
+
     def pipeline_one() -> int:
         images, _, ok = next(batches)
         pipeline_step(images[ok].to(device, non_blocking=True), None)
         return int(ok.sum())
-    pipeline_per_s = timed_rate(pipeline_one, args.warmup, args.steps, device)
-
-    first = next(batches)[0].to(device)
-    fixed_views = torch.stack([augment(first), augment(first)]).contiguous()
-    model_step = contrastive_step(model, args.method, args, device, precision, lambda views: (views[0], views[1]))
-
-    def model_only_one() -> int:
-        model_step(fixed_views, None)
-        return args.batch_size
-    model_only_per_s = timed_rate(model_only_one, args.warmup, args.steps, device)
+    rates = timed_rates({"model_only": model_only_one, "pipeline": pipeline_one}, args.warmup, args.steps, device)
+    model_only_per_s, pipeline_per_s = rates["model_only"], rates["pipeline"]
     del model, loader, batches
 
     baseline_per_s = None
@@ -198,7 +207,7 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
             views = next(reference_batches)
             reference_step(views.to(device, non_blocking=True), None)
             return len(views)
-        baseline_per_s = timed_rate(baseline_one, args.warmup, args.steps, device)
+        baseline_per_s = timed_rates({"baseline": baseline_one}, args.warmup, args.steps, device)["baseline"]
 
     return {
         "model_only_per_s": model_only_per_s,
@@ -226,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--image-size", type=positive_int, default=224)
     parser.add_argument("--batch-size", type=positive_int, default=256)
-    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps of each kind")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+    parser.add_argument("--steps", type=positive_int, default=20, help="timed steps of each kind")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")

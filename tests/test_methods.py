@@ -122,6 +122,7 @@ def test_split_batchnorm_normalises_each_group_separately():
         var = chunk_in.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
         torch.testing.assert_close(chunk_out, (chunk_in - mean) / torch.sqrt(var + bn.eps))
     torch.testing.assert_close(bn.running_mean, 0.1 * x.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * x.var(dim=(0, 2, 3), unbiased=True))
 
 
 def test_encoder_state_loads_into_plain_torchvision_model():
