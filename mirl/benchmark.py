@@ -1,6 +1,6 @@
 """How fast pretraining runs on this device, and how much of that the input pipeline keeps.
 
-    python -m mirl.benchmark --method mocov2 --arch resnet50 --image-size 112 --batch-size 32 --steps 10 \
+    python -m mirl.benchmark --method mocov2 --arch resnet50 --image-size 112 --batch-size 32 --steps 20 \
         --json bench.json
 
 Measured after warm-up, in images per second (image pairs per second for the contrastive methods):
@@ -44,7 +44,7 @@ from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, AugmentRec
 from mirl.cache import dataset_images, open_cache
 from mirl.datasets import DATASETS, ImageDataset, ImageRecord, decode_record
 from mirl.engine import TrainingStep, make_loader, prepare_network, resolve_device, resolve_precision
-from mirl.models import MoCo, SimCLR
+from mirl.models import MoCo
 from mirl.pretrain import METHODS, build_model, build_optimizer
 from mirl.sample_data import write_rsna
 
@@ -130,9 +130,10 @@ def contrastive_step(model: torch.nn.Module, method: str, args: argparse.Namespa
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor())
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
@@ -189,7 +190,6 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
         return int(ok.sum())
     rates = timed_rates({"model_only": model_only_one, "pipeline": pipeline_one}, args.warmup, args.steps, device)
     model_only_per_s, pipeline_per_s = rates["model_only"], rates["pipeline"]
-    del model, loader, batches
 
     baseline_per_s = None
     if not args.skip_baseline:

@@ -14,7 +14,6 @@ temporary folder and renamed when complete, so an interrupted build is never mis
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os

@@ -9,7 +9,6 @@ checkpoints reused, so a stopped study continues where it stopped.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys

@@ -1,13 +1,18 @@
-"""torch.distributed on the CPU (gloo): two processes of batch B must train exactly like one of 2B."""
+"""torch.distributed on the CPU (gloo): two processes of batch B must train exactly like one of 2B, and the
+scripts run under torchrun."""
+import json
 import os
 import socket
+import subprocess
+import sys
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mirl.models import MoCo, SimCLR
+
+from conftest import REPO, TINY
 
 B = 4
 
@@ -76,3 +81,21 @@ def test_two_process_moco_fills_the_queue_with_both_ranks_keys(tmp_path):
     for state in ranks:
         assert state["filled"].item() == 2 * B
         torch.testing.assert_close(state["keys"][:2 * B], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_scripts_run_under_torchrun_and_only_rank_0_writes(rsna_root, tmp_path):
+    """A user's torchrun command: SimCLR pretraining then its fine-tuning, two gloo processes each."""
+    def torchrun(script, *args):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               script, *map(str, args)], cwd=REPO / "RSNA_MoCo", capture_output=True, text=True,
+                              timeout=600)
+    common = ["--data-root", rsna_root, "--split-dir", tmp_path / "splits", *TINY]
+    result = torchrun("trainSimCLR.py", "--output-dir", tmp_path / "simclr", *common)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "simclr" / "config.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "simclr").glob("checkpoint*")) == ["checkpoint.pth"]
+    result = torchrun("SimCLR_downstream.py", "--output-dir", tmp_path / "down", "--pretrained",
+                      tmp_path / "simclr" / "checkpoint.pth", *common)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "down" / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["auc_macro"] <= 1.0
