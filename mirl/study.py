@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{number}/{len(runs)}] {run.name}")
         method = "moco" if run.method == SUPERVISED else run.method
         mode = {"frozen": ["--frozen"], "finetune": [], SUPERVISED: ["--resnet"]}[run.mode]
-        pretrained = [] if run.method == SUPERVISED else ["--pretrained", str(out / "pretrain" / method / "checkpoint.pth")]
+        checkpoint = out / "pretrain" / method / "checkpoint.pth"
+        pretrained = [] if run.method == SUPERVISED else ["--pretrained", str(checkpoint)]
         epochs = ["--epochs", str(args.downstream_epochs)] if args.downstream_epochs else []
         status = downstream_script(args.dataset, method, __file__, [
             *common, *mode, *pretrained, *epochs, "--fraction", str(run.fraction), "--seed", str(run.seed),

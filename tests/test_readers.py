@@ -1,5 +1,5 @@
-"""The RSNA long label CSV, the ISIC-shaped CSV reader, the NIfTI reader on nibabel's own example files, ACDC's Info.cfg and
-the patient vote, against values worked out by hand."""
+"""The RSNA long label CSV, the ISIC-shaped CSV reader, the NIfTI reader on nibabel's own example files,
+ACDC's Info.cfg and the patient vote, against values worked out by hand."""
 import os
 
 import nibabel as nib
