@@ -59,7 +59,8 @@ def cache_key(description: DatasetDescription, records: list[ImageRecord], image
 
 
 class DecodedImageCache:
-    """A built cache: `row(record)` finds a source image, `read(row)` gives its uint8 pixels and whether it was readable.
+    """A built cache: `row(record)` finds a source image, `read(row)` gives its uint8 pixels and whether
+    its source was readable.
 
     The memory map is opened lazily in each process, so the object pickles cheaply into DataLoader
     workers (pickling an open np.memmap would copy the whole array).
