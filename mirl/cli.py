@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 from mirl.datasets import DATASETS, DatasetDescription, with_label_csv
+from mirl.engine import TrainingInterrupted
 from mirl.errors import InputError
 from mirl.models import ENCODERS
 from mirl.splits import FRACTIONS
@@ -28,6 +29,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
     return value
 
 
@@ -50,12 +58,23 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epo
     parser.add_argument("--arch", choices=sorted(ENCODERS), default=None,
                         help="encoder architecture (default resnet50; downstream: the checkpoint's)")
     parser.add_argument("--image-size", type=positive_int, default=224)
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast dtype; auto is bf16 where the device runs it fast")
     parser.add_argument("--lr", type=positive_float, default=None, help="base learning rate (method default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic kernels only: the same seed gives the same weights, and a resumed run "
+                             "ends where an unbroken one does (slower on GPUs)")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="continue from the newest training state in --output-dir (auto; starts afresh when "
+                             "there is none) or from a given state file")
+    parser.add_argument("--save-every", type=non_negative_int, default=500, metavar="STEPS",
+                        help="also save a training state every STEPS optimizer steps inside an epoch (0: epoch ends "
+                             "only)")
+    parser.add_argument("--keep", type=positive_int, default=2,
+                        help="how many of the newest training states to keep in OUTPUT_DIR/checkpoints")
     parser.add_argument("--cache", type=Path, default=None,
                         help="folder of decoded-image caches (mirl.cache): built on first use, then read "
                              "instead of decoding every image every epoch")
@@ -119,11 +138,14 @@ def guarded(run: Callable[[], None]) -> int:
     try:
         run()
     except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, even if a file's text had breaks
         return 2
     except FloatingPointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        return 130
     return 0
 
 

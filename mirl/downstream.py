@@ -7,6 +7,7 @@ validation metrics.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,15 @@ from mirl import distributed
 from mirl.augment import RECIPES, BatchAugment
 from mirl.cache import open_cache
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
-from mirl.engine import RunLog, load_checkpoint, make_loader, predict, prepare_network, resolve_device, \
-    resolve_precision, save_checkpoint, seed_everything, train_epochs
+from mirl.checkpoints import CHECKPOINT_NAME, CheckpointStore, check_same_run, load_checkpoint, resume_path, \
+    save_checkpoint
+from mirl.engine import RunLog, Trainer, make_loader, predict, prepare_network, prepare_output_dir, resolve_device, \
+    resolve_precision, seed_everything
 from mirl.errors import CheckpointError, InputError
 from mirl.metrics import bootstrap_interval, evaluate, primary_metric, reported_metrics
 from mirl.models import build_classifier
 from mirl.optim import build_scheduler
-from mirl.pretrain import CHECKPOINT_NAME, METHODS, MethodSpec
+from mirl.pretrain import METHODS, MethodSpec
 from mirl.splits import load_splits
 
 # MoCo's linear protocol (SGD, no weight decay, x0.1 at 60 % and 80 % of training) with lr 0.5: the
@@ -78,6 +81,10 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     method = METHODS[method_name]
     if args.init_weights is not None and not args.resnet:
         raise InputError("--init-weights goes with --resnet; without it the encoder comes from --pretrained")
+    prepare_output_dir(args.output_dir)
+    store = CheckpointStore(args.output_dir, args.keep, publish=False)
+    resume_from = resume_path(args.resume, store)
+    resumed = load_checkpoint(resume_from) if resume_from is not None else None
     encoder, source = None, None
     if args.resnet:
         args.arch = args.arch or "resnet50"
@@ -86,6 +93,12 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     else:
         encoder, source = pretrained_encoder(method, args), args.pretrained
     args.epochs = args.epochs or (FROZEN_EPOCHS if args.frozen else FINETUNE_EPOCHS)
+    mode = "resnet" if args.resnet else ("frozen" if args.frozen else "finetune")
+    identity = {"method": "supervised" if args.resnet else method.name, "mode": mode, "dataset": description.name,
+                "arch": args.arch, "fraction": args.fraction, "batch_size": args.batch_size,
+                "image_size": args.image_size, "world_size": distributed.world_size()}
+    if resumed is not None:
+        check_same_run(resumed, identity, resume_from)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     description.check_root(args.data_root)
@@ -95,10 +108,9 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     train, val, test = (records_of(splits[name], by_id) for name in (f"train{args.fraction}F", "val", "test"))
     if len(train) < 2:
         raise InputError(f"the {args.fraction} % split has {len(train)} image; pick a larger --fraction")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
 
     distributed.init_from_environment(device)
-    seed_everything(args.seed)
+    seed_everything(args.seed, args.deterministic)
     classes = description.classes
     model = build_classifier(args.arch, len(classes))
     if encoder is not None:
@@ -129,11 +141,11 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
                                            seed=args.seed) for s in (val, test))
     scheduler = build_scheduler(optimizer, "step" if args.frozen else "cosine", args.epochs * len(train_loader))
     augment = BatchAugment(RECIPES["finetune"], args.image_size)
-    log = RunLog(args.output_dir)
-    mode = "resnet" if args.resnet else ("frozen" if args.frozen else "finetune")
-    config = {**vars(args), "method": "supervised" if args.resnet else method.name, "mode": mode,
+    log = RunLog(args.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
+    config = {**vars(args), "method": identity["method"], "mode": mode,
               "dataset": description.name, "device": str(device), "precision": str(precision or "fp32"),
-              "train_images": len(train), "val_images": len(val), "test_images": len(test)}
+              "train_images": len(train), "val_images": len(val), "test_images": len(test),
+              "resumed_from": resume_from}
     log.json("config.json", config)
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -175,8 +187,18 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
         # the linear protocol keeps the frozen encoder's BatchNorm statistics fixed
         model.train(not args.frozen)
 
-    train_epochs(step_loss, train_loader, optimizer, scheduler, args.epochs, device, precision, log,
-                 end_of_epoch, train_mode)
+    def snapshot() -> dict:
+        return {"method": config["method"], "mode": mode, "arch": args.arch, "dataset": description.name,
+                "run": identity, "model": model.state_dict(), "best": dict(best)}
+
+    trainer = Trainer(step_loss, train_loader, optimizer, scheduler, device, precision, store, args.save_every,
+                      snapshot)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        best.update(resumed["best"])
+        trainer.restore(resumed)
+        print(f"resuming from {resume_from} (epoch {trainer.epoch}, batch {trainer.batch})", file=sys.stderr)
+    trainer.fit(args.epochs, log, end_of_epoch, train_mode)
     model.load_state_dict(best["state"])
     if args.frozen:
         changed = [k for k, v in model.state_dict().items() if not k.startswith("fc.") and

@@ -16,7 +16,8 @@ from sklearn.manifold import TSNE
 
 from mirl.cli import OneLineParser, guarded, positive_int
 from mirl.datasets import DATASETS
-from mirl.engine import load_checkpoint, resolve_device, resolve_precision
+from mirl.checkpoints import load_checkpoint
+from mirl.engine import resolve_device, resolve_precision
 from mirl.errors import CheckpointError
 from mirl.models import ENCODERS, build_encoder
 from mirl.monitor import extract_features, sample_records

@@ -1,8 +1,8 @@
 """The one training loop and what every run shares: device and precision, seeding, data loading,
-prediction, checkpoints and logs.
+prediction, training states and logs.
 
-Pretraining and downstream training differ only in the `step_loss` function and the end-of-epoch
-callback they hand to `train_epochs`.
+Pretraining and downstream training differ only in the `step_loss` function, the end-of-epoch
+callback and the snapshot of their own weights they hand to `Trainer`.
 """
 from __future__ import annotations
 
@@ -10,23 +10,26 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.models import ResNet
 from tqdm import tqdm
 
 from mirl.augment import normalize
 from mirl.datasets import ImageDataset
-from mirl.distributed import is_distributed, is_main_process, local_rank, rank
-from mirl.errors import CheckpointError, InputError
+from mirl.checkpoints import CheckpointStore, random_state, restore_random_state
+from mirl.distributed import any_rank, gather_objects, is_main_process, local_rank, rank, world_size
+from mirl.errors import DataError, InputError
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -64,22 +67,79 @@ def prepare_network(model: nn.Module, device: torch.device, channels_last: bool,
     return model
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch; each rank gets its own stream so augmentations differ across GPUs."""
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch; each rank gets its own stream so augmentations differ across GPUs.
+
+    `deterministic` also forbids kernels whose result depends on scheduling (cuDNN autotuning, atomic
+    adds on the GPU), so the same seed gives the same weights and a resumed run matches an unbroken one.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     seed = seed + rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
+def prepare_output_dir(path: Path) -> None:
+    """Create the output dir and prove it writable now, not after hours of training."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise InputError(f"--output-dir {path} cannot be written ({error.strerror or type(error).__name__})") \
+            from None
+
+
+class EpochSampler(Sampler[int]):
+    """The order of one epoch, drawn from (seed, epoch) alone, so a resumed run replays it exactly.
+
+    Under torchrun each rank takes every world_size-th index of that order (padded by wrapping, or cut
+    with `drop_last`, to equal shares, like DistributedSampler). `start(epoch, first)` begins an epoch at
+    position `first`: a run resumed after B batches skips the 'B x batch size' images it trained on
+    without reading them.
+    """
+
+    def __init__(self, size: int, seed: int, drop_last: bool) -> None:
+        self.size, self.seed, self.drop_last = size, seed, drop_last
+        self.indices = self.order(0)
+
+    def order(self, epoch: int) -> list[int]:
+        permutation = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        world, this_rank = world_size(), rank()
+        if world > 1:
+            share = self.size // world if self.drop_last else -(-self.size // world)
+            permutation = permutation.repeat(-(-share * world // self.size))[:share * world]
+            permutation = permutation[this_rank::world]
+        return permutation.tolist()
+
+    def start(self, epoch: int, first: int = 0) -> None:
+        self.indices = self.order(epoch)[first:]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: workers leave it to the main process, which saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: ImageDataset, batch_size: int, workers: int, shuffle: bool, drop_last: bool,
                 seed: int) -> DataLoader:
-    """A loader of uint8 batches; under DDP each rank reads its own shard, reshuffled every epoch."""
-    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last) \
-        if is_distributed() and shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=workers, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0,
+    """A loader of uint8 batches. Shuffled loaders draw their order from an `EpochSampler`; workers
+    only decode files (all random augmentation happens in the main process, from saved generators)."""
+    sampler = EpochSampler(len(dataset), seed, drop_last) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                      worker_init_fn=_ignore_interrupts if workers > 0 else None,
                       generator=torch.Generator().manual_seed(seed))
 
 
@@ -88,9 +148,12 @@ class RunLog:
     """Where a run writes: TensorBoard events and JSON files, from the main process only."""
 
     output_dir: Path
+    resumed_at_step: int | None = None
 
     def __post_init__(self) -> None:
-        self.writer = SummaryWriter(str(self.output_dir)) if is_main_process() else None
+        # a resumed run drops the events its killed predecessor logged after the state it continues from
+        self.writer = SummaryWriter(str(self.output_dir), purge_step=self.resumed_at_step) \
+            if is_main_process() else None
 
     def scalar(self, name: str, value: float, step: int) -> None:
         if self.writer is not None and value is not None:
@@ -112,29 +175,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(payload: dict, path: Path) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half-written checkpoint."""
-    if not is_main_process():
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load with torch's weights-only unpickler: a file carrying pickled code is refused, never run."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} is not a loadable MIRL checkpoint ({reason[:200]})") from None
-
-
 class TrainingStep:
     """One optimisation step: `step_loss(images, labels)` under autocast, backward (scaled for fp16),
     optimizer and scheduler. A non-finite loss stops training before it corrupts the weights."""
@@ -151,8 +191,8 @@ class TrainingStep:
         with torch.autocast(self.device.type, dtype=self.precision) if self.precision else nullcontext():
             loss = self.step_loss(images, labels)
         value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"loss became {value} at step {self.steps}; "
+        if any_rank(not math.isfinite(value), self.device):  # every rank stops together
+            raise FloatingPointError(f"the loss became {value} at step {self.steps + 1}; "
                                      "lower the learning rate or use --precision fp32")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -164,33 +204,158 @@ class TrainingStep:
         return value
 
 
-def train_epochs(step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 loader: DataLoader, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, epochs: int, device: torch.device,
-                 precision: torch.dtype | None, log: RunLog,
-                 end_of_epoch: Callable[[int], dict[str, float]], train_mode: Callable[[], None]) -> None:
-    """Run `epochs` epochs of `step_loss` (images, labels) -> loss; unreadable images are dropped
-    from their batch and counted. `end_of_epoch(epoch)` returns numbers for the progress bar."""
-    train_step = TrainingStep(step_loss, optimizer, scheduler, device, precision)
-    skipped = 0
-    epoch_bar = tqdm(range(epochs), desc="epochs", unit="epoch", disable=not is_main_process())
-    for epoch in epoch_bar:
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        train_mode()
-        batch_bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped training; the message says where the state was saved."""
+
+
+class StopSignals:
+    """SIGINT and SIGTERM (Ctrl-C, a cluster's pre-emption notice) only raise a flag, which the loop
+    checks between steps: the checkpoint it then writes is a consistent state, never one caught halfway
+    through an optimizer step. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, frame: object) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number).name
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+class Trainer:
+    """The one training loop, shared by pretraining and downstream training.
+
+    Epochs of `step_loss(images, labels)` over a loader whose order comes from an `EpochSampler`.
+    Unreadable images are dropped from their batch, counted on the progress bar and listed once in
+    `skipped.csv`. A training state goes to the `CheckpointStore` every `save_every` steps, at every
+    epoch end and when Ctrl-C or SIGTERM arrives; `restore` continues from one exactly. `snapshot()`
+    gives the caller's part of a state (weights and what it needs to reload them).
+    """
+
+    def __init__(self, step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader: DataLoader,
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 device: torch.device, precision: torch.dtype | None, store: CheckpointStore, save_every: int,
+                 snapshot: Callable[[], dict]) -> None:
+        if not isinstance(loader.sampler, EpochSampler):
+            raise ValueError("the training loader must draw its order from an EpochSampler (make_loader shuffle)")
+        self.step = TrainingStep(step_loss, optimizer, scheduler, device, precision)
+        self.loader, self.sampler = loader, loader.sampler
+        self.store, self.save_every, self.snapshot = store, save_every, snapshot
+        self.device = device
+        self.epoch, self.batch = 0, 0  # the next batch to train: `batch` batches of `epoch` are done
+        self.skipped: list[list[str]] = []  # [image id, file, reason] of every unreadable image met
+        self.skipped_csv = store.output_dir / "skipped.csv"
+
+    def state(self) -> dict:
+        step = self.step
+        return {
+            **self.snapshot(),
+            "optimizer": step.optimizer.state_dict(),
+            "scheduler": step.scheduler.state_dict() if step.scheduler is not None else None,
+            "scaler": step.scaler.state_dict(),
+            "steps": step.steps, "epoch": self.epoch, "batch": self.batch, "skipped": self.skipped,
+            "random": gather_objects(random_state()),  # one entry per rank: each has its own streams
+            "loader_generator": self.loader.generator.get_state(),
+        }
+
+    def restore(self, state: dict) -> None:
+        """Continue from a state written by `state()` (the caller has loaded its weights)."""
+        step = self.step
+        step.optimizer.load_state_dict(state["optimizer"])
+        if step.scheduler is not None:
+            step.scheduler.load_state_dict(state["scheduler"])
+        step.scaler.load_state_dict(state["scaler"])
+        step.steps, self.epoch, self.batch = state["steps"], state["epoch"], state["batch"]
+        self.skipped = [list(row) for row in state["skipped"]]
+        self._write_skipped()  # forget rows a killed predecessor wrote after this state
+        self.loader.generator.set_state(state["loader_generator"])
+        restore_random_state(state["random"][rank()])
+
+    def save(self) -> Path:
+        return self.store.save(self.state(), self.epoch, self.batch)
+
+    def fit(self, epochs: int, log: RunLog, end_of_epoch: Callable[[int], dict[str, float]],
+            train_mode: Callable[[], None]) -> None:
+        """Train up to `epochs` epochs; `end_of_epoch(epoch)` returns numbers for the progress bar."""
+        batch_size = self.loader.batch_size
+        epoch_bar = tqdm(range(self.epoch, epochs), desc="epochs", unit="epoch", initial=self.epoch, total=epochs,
                          disable=not is_main_process())
-        for images, labels, ok in batch_bar:
-            skipped += int((~ok).sum())
-            if ok.sum() < 2:  # BatchNorm and contrastive pairs need at least two images
-                continue
-            loss = train_step(images[ok].to(device, non_blocking=True), labels[ok].to(device, non_blocking=True))
-            log.scalar("train/loss", loss, train_step.steps)
-            log.scalar("train/lr", optimizer.param_groups[0]["lr"], train_step.steps)
-            batch_bar.set_postfix(loss=f"{loss:.4f}", skipped=skipped)
-        log.scalar("data/skipped_images", skipped, epoch)
-        summary = end_of_epoch(epoch)
-        epoch_bar.set_postfix({k: f"{v:.4f}" for k, v in summary.items() if v is not None}, skipped=skipped)
+        with StopSignals() as stop:
+            for epoch in epoch_bar:
+                self.epoch = epoch
+                self.sampler.start(epoch, self.batch * batch_size)
+                train_mode()
+                readable = 0
+                batch_bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                                 initial=self.batch, total=self.batch + len(self.loader),
+                                 disable=not is_main_process())
+                for position, (images, labels, ok) in enumerate(batch_bar):
+                    self.batch += 1
+                    readable += int(ok.sum())
+                    if not ok.all():
+                        self._note_skipped(self.sampler.indices[position * batch_size:(position + 1) * batch_size],
+                                           ok)
+                    if ok.sum() >= 2:  # BatchNorm and contrastive pairs need at least two images
+                        loss = self._train_step(images[ok], labels[ok])
+                        log.scalar("train/loss", loss, self.step.steps)
+                        log.scalar("train/lr", self.step.optimizer.param_groups[0]["lr"], self.step.steps)
+                        batch_bar.set_postfix(loss=f"{loss:.4f}", skipped=len(self.skipped))
+                        if self.save_every and self.step.steps % self.save_every == 0:
+                            self.save()
+                    if any_rank(stop.received is not None, self.device):
+                        path = self.save()
+                        raise TrainingInterrupted(f"{stop.received or 'a stop signal'} received: saved the state after "
+                                                  f"epoch {epoch} batch {self.batch} to {path}; "
+                                                  "continue with --resume auto")
+                if readable == 0 and self.skipped:
+                    raise DataError(f"no image of the {len(self.sampler.indices)} of epoch {epoch + 1} could be read; "
+                                    f"reasons are in {self.skipped_csv}")
+                log.scalar("data/skipped_images", len(self.skipped), epoch)
+                summary = end_of_epoch(epoch)
+                self.epoch, self.batch = epoch + 1, 0
+                self.save()
+                epoch_bar.set_postfix({k: f"{v:.4f}" for k, v in summary.items() if v is not None},
+                                      skipped=len(self.skipped))
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        try:
+            return self.step(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+        except FloatingPointError as error:
+            newest = self.store.newest()
+            kept = f"the last good state is {newest}" if newest else "no state had been saved yet"
+            raise FloatingPointError(f"{error}; {kept}") from None
+
+    def _note_skipped(self, indices: list[int], ok: torch.Tensor) -> None:
+        """Record each unreadable image once, with the reason its reader gives."""
+        known = {row[0] for row in self.skipped}
+        dataset: ImageDataset = self.loader.dataset
+        for index in (i for i, good in zip(indices, ok.tolist()) if not good):
+            record = dataset.records[index]
+            if record.image_id not in known:
+                self.skipped.append([record.image_id, str(record.path), dataset.why_unreadable(index)])
+                known.add(record.image_id)
+        self._write_skipped()
+
+    def _write_skipped(self) -> None:
+        if not is_main_process() or not (self.skipped or self.skipped_csv.exists()):
+            return
+        lines = ["image_id,file,reason"] + [",".join(_csv_field(v) for v in row) for row in self.skipped]
+        atomic_write_text(self.skipped_csv, "\n".join(lines) + "\n")
+
+
+def _csv_field(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"' if any(c in value for c in ',"\n') else value
 
 
 @torch.no_grad()

@@ -16,15 +16,14 @@ from mirl import distributed
 from mirl.augment import BatchAugment, recipe_for
 from mirl.cache import open_cache
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
-from mirl.engine import RunLog, make_loader, prepare_network, resolve_device, resolve_precision, save_checkpoint, \
-    seed_everything, train_epochs
+from mirl.checkpoints import CheckpointStore, check_same_run, load_checkpoint, resume_path
+from mirl.engine import RunLog, Trainer, make_loader, prepare_network, prepare_output_dir, resolve_device, \
+    resolve_precision, seed_everything
 from mirl.errors import InputError
 from mirl.models import MoCo, SimCLR
 from mirl.monitor import KnnMonitor, sample_records
 from mirl.optim import LARS, build_scheduler, lars_parameter_groups
 from mirl.splits import load_splits
-
-CHECKPOINT_NAME = "checkpoint.pth"
 
 
 @dataclass(frozen=True)
@@ -98,20 +97,33 @@ def build_optimizer(model: nn.Module, method: MethodSpec, args: argparse.Namespa
 
 
 def pretrain(description: DatasetDescription, method_name: str, args: argparse.Namespace) -> None:
-    """Pretrain an encoder and write `checkpoint.pth` (encoder loadable into torchvision) after every epoch."""
+    """Pretrain an encoder. `checkpoint.pth` is always the newest training state; its `encoder` loads
+    into the plain torchvision model. `--resume` continues a run exactly where a state left it."""
     method = METHODS[method_name]
+    prepare_output_dir(args.output_dir)
+    store = CheckpointStore(args.output_dir, args.keep, publish=True)
+    resume_from = resume_path(args.resume, store)
+    resumed = load_checkpoint(resume_from) if resume_from is not None else None
+    if resumed is not None and args.arch is None:
+        args.arch = resumed.get("arch")
     args.arch = args.arch or "resnet50"
+    identity = {"method": method.name, "dataset": description.name, "arch": args.arch,
+                "batch_size": args.batch_size, "image_size": args.image_size, "world_size": distributed.world_size(),
+                "queue_size": getattr(args, "queue_size", None)}
+    if resumed is not None:
+        check_same_run(resumed, identity, resume_from)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     records, monitor_sets = pretraining_records(description, args)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
 
     distributed.init_from_environment(device)
-    seed_everything(args.seed)
+    seed_everything(args.seed, args.deterministic)
     model = prepare_network(build_model(method, args), device, args.channels_last, args.compile)
+    core = model
+    if resumed is not None:
+        core.load_state_dict(resumed["model"])
     if distributed.is_distributed():
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    core = model.module if distributed.is_distributed() else model
     cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers) if args.cache else None
     dataset = ImageDataset(records, args.image_size, len(description.classes), cache)
     loader = make_loader(dataset, args.batch_size, args.workers, shuffle=True, drop_last=True, seed=args.seed)
@@ -122,10 +134,10 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     style = args.augment or ("grey" if description.grayscale else "paper")
     augment = BatchAugment(recipe_for(method.name, style), args.image_size)
 
-    log = RunLog(args.output_dir)
+    log = RunLog(args.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
     config = {**vars(args), "method": method.name, "dataset": description.name, "images": len(records),
               "device": str(device), "precision": str(precision or "fp32"), "augment": style,
-              "world_size": distributed.world_size()}
+              "world_size": distributed.world_size(), "resumed_from": resume_from}
     log.json("config.json", config)
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -137,19 +149,22 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
         monitor = KnnMonitor(description, sample_records(monitor_sets["train100F"], args.knn_images, args.seed),
                              sample_records(monitor_sets["val"], args.knn_images // 2, args.seed), args.image_size,
                              device, precision, args.batch_size, args.workers, cache)
+    latest = {"monitor": resumed.get("monitor", {}) if resumed is not None else {}}
+
+    def snapshot() -> dict:
+        return {"method": method.name, "arch": args.arch, "dataset": description.name, "run": identity,
+                "encoder": core.feature_encoder().state_dict(), "model": core.state_dict(),
+                "monitor": latest["monitor"], "config": {k: str(v) for k, v in config.items()}}
 
     def end_of_epoch(epoch: int) -> dict[str, float]:
-        summary = monitor(core.feature_encoder()) if monitor else {}
-        for name, value in summary.items():
+        latest["monitor"] = monitor(core.feature_encoder()) if monitor else {}
+        for name, value in latest["monitor"].items():
             log.scalar(f"monitor/{name}", value, epoch)
-        save_checkpoint({
-            "method": method.name, "arch": args.arch, "dataset": description.name, "epoch": epoch + 1,
-            "encoder": core.feature_encoder().state_dict(), "model": core.state_dict(),
-            "optimizer": optimizer.state_dict(), "monitor": summary,
-            "config": {k: str(v) for k, v in config.items()},
-        }, args.output_dir / CHECKPOINT_NAME)
-        return summary
+        return latest["monitor"]
 
-    train_epochs(step_loss, loader, optimizer, scheduler, args.epochs, device, precision, log,
-                 end_of_epoch, train_mode=model.train)
+    trainer = Trainer(step_loss, loader, optimizer, scheduler, device, precision, store, args.save_every, snapshot)
+    if resumed is not None:
+        trainer.restore(resumed)
+        print(f"resuming from {resume_from} (epoch {trainer.epoch}, batch {trainer.batch})", file=sys.stderr)
+    trainer.fit(args.epochs, log, end_of_epoch, train_mode=model.train)
     log.close()

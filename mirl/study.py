@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--queue-size", str(args.queue_size)] if args.queue_size and METHODS[method].queue else []
         status = pretrain_script(args.dataset, method, __file__, [
             *common, "--output-dir", str(checkpoint.parent), "--epochs", str(wanted), "--seed", str(args.seeds[0]),
-            *extra])
+            "--resume", "auto", *extra])
         if status:
             return status
 
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs = ["--epochs", str(args.downstream_epochs)] if args.downstream_epochs else []
         status = downstream_script(args.dataset, method, __file__, [
             *common, *mode, *pretrained, *epochs, "--fraction", str(run.fraction), "--seed", str(run.seed),
-            "--output-dir", str(run_dir)])
+            "--output-dir", str(run_dir), "--resume", "auto"])
         if status:
             return status
 

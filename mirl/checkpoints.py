@@ -1,0 +1,167 @@
+"""Checkpoints a run can be trusted with.
+
+Every file is written atomically (a temporary file, flushed to disk, then renamed), so a kill at any
+moment leaves the previous checkpoint whole. Files are read back with torch's weights-only unpickler,
+so a checkpoint that carries pickled code is refused and the code never runs. A training state holds
+everything an exact continuation needs: weights, optimizer, schedule, gradient scaler, the position
+inside the epoch and every random generator of every rank.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mirl.distributed import is_main_process
+from mirl.errors import CheckpointError, InputError
+
+CHECKPOINT_NAME = "checkpoint.pth"
+STATES_FOLDER = "checkpoints"
+_STATE_NAME = re.compile(r"state-e(\d{4,})-b(\d{6,})\.pth")
+
+
+def save_checkpoint(payload: dict, path: Path) -> None:
+    """Write through a temporary file and rename, so a crash never leaves a half-written checkpoint."""
+    if not is_main_process():
+        return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load with torch's weights-only unpickler: a file carrying pickled code is refused, never run."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a crafted file
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} is not a loadable MIRL checkpoint ({reason[:200]})") from None
+
+
+def random_state() -> dict:
+    """This process's python, numpy, torch and CUDA generators, in types the weights-only loader accepts."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_random_state(state: dict) -> None:
+    """Put every generator back where `random_state` found it."""
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def state_position(path: Path) -> tuple[int, int]:
+    """(epoch, batches of that epoch already trained) of a training-state file, from its name."""
+    match = _STATE_NAME.fullmatch(path.name)
+    if match is None:
+        raise ValueError(f"{path.name} is not a training-state file name")
+    return int(match.group(1)), int(match.group(2))
+
+
+class CheckpointStore:
+    """The training states of one run, `OUTPUT/checkpoints/state-eEEEE-bBBBBBB.pth`, of which the
+    newest `keep` survive. Names sort in training order: epoch E (from 0) after B of its batches;
+    an epoch's end is the next epoch at batch 0.
+
+    With `publish`, `OUTPUT/checkpoint.pth` is the newest state too (a hard link, no second copy):
+    that is the file a pretraining run hands to the downstream scripts.
+    """
+
+    def __init__(self, output_dir: Path, keep: int, publish: bool) -> None:
+        self.output_dir = output_dir
+        self.folder = output_dir / STATES_FOLDER
+        self.keep = keep
+        self.publish = publish
+
+    def states(self) -> list[Path]:
+        """Complete state files, oldest first (temporary files of an interrupted write are not states)."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.iterdir() if _STATE_NAME.fullmatch(p.name))
+
+    def newest(self) -> Path | None:
+        states = self.states()
+        return states[-1] if states else None
+
+    def save(self, payload: dict, epoch: int, batch: int) -> Path:
+        """Write one state atomically, publish it, then drop the oldest beyond `keep`."""
+        path = self.folder / f"state-e{epoch:04d}-b{batch:06d}.pth"
+        if not is_main_process():
+            return path
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(payload, path)
+        if self.publish:
+            self._publish(path)
+        for old in self.states()[:-self.keep]:
+            old.unlink()
+        for leftover in self.folder.glob("*.tmp"):  # from a write that a kill interrupted
+            if not leftover.name.endswith(f".{os.getpid()}.tmp"):
+                leftover.unlink(missing_ok=True)
+        return path
+
+    def _publish(self, state: Path) -> None:
+        target = self.output_dir / CHECKPOINT_NAME
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(state, tmp)
+        except OSError:  # a file system without hard links: copy instead
+            shutil.copyfile(state, tmp)
+        os.replace(tmp, target)
+
+
+def resume_path(requested: str | None, store: CheckpointStore) -> Path | None:
+    """The state a run continues from: `--resume PATH`, or with `--resume auto` the newest state in the
+    output dir (None when there is none yet, so a job script can always pass `--resume auto`).
+
+    Without `--resume`, an output dir that already holds states is refused rather than overwritten:
+    nothing a user trained is ever lost."""
+    if requested is None:
+        newest = store.newest()
+        if newest is not None:
+            raise InputError(f"{store.output_dir} already holds training states (newest {newest.name}); "
+                             "continue it with --resume auto, or choose another --output-dir")
+        return None
+    if requested == "auto":
+        return store.newest()
+    path = Path(requested)
+    if not path.is_file():
+        raise CheckpointError(f"--resume {path}: no such checkpoint")
+    return path
+
+
+def check_same_run(checkpoint: dict, identity: dict[str, object], source: Path) -> None:
+    """Refuse to continue a state written by a different kind of run (method, architecture, data,
+    batch size...): it would load wrong weights or silently break the exact continuation."""
+    saved = checkpoint.get("run") if isinstance(checkpoint, dict) else None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{source} is not a MIRL training state; --resume takes a file from "
+                              f"{STATES_FOLDER}/ or a pretraining checkpoint.pth")
+    for key, value in identity.items():
+        if str(saved.get(key)) != str(value):
+            raise CheckpointError(f"{source} was written with {key} {saved.get(key)}, this run has {value}; "
+                                  f"resume with the same settings or choose another --output-dir")
