@@ -107,33 +107,116 @@ def image_files_by_stem(root: Path) -> dict[str, Path]:
     return files
 
 
+# ---------------------------------------------------------------- CSV files
+# Every message names the file and the row as a spreadsheet shows it: the header is row 1 and blank
+# lines count, which is why blank lines are read as empty rows and dropped only after numbering.
+
+_TOO_MANY_FIELDS = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+_OPEN_QUOTE = re.compile(r"EOF inside string starting at row (\d+)")
+
+
+def _read_csv(csv_path: Path, expected: str, **options) -> pd.DataFrame:
+    """`pandas.read_csv` keeping blank lines as all-empty rows; each way it fails becomes one DataError.
+
+    Only an empty cell is missing: pandas would also read NA, None, null, nan (a class, an image) as missing.
+    """
+    try:
+        table = pd.read_csv(csv_path, skip_blank_lines=False, keep_default_na=False, na_values=[""], **options)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{csv_path} is empty; it should hold {expected}") from None
+    except pd.errors.ParserError as error:
+        message = " ".join(str(error).split())
+        if match := _TOO_MANY_FIELDS.search(message):
+            expected_fields, row, found = match.groups()
+            raise DataError(f"{csv_path} row {row}: {found} values, but the header row has {expected_fields} "
+                            "columns") from None
+        if match := _OPEN_QUOTE.search(message):  # pandas counts this row from 0
+            raise DataError(f"{csv_path} row {int(match.group(1)) + 1}: a quote opened here is never closed") from None
+        raise DataError(f"{csv_path}: not a readable CSV file ({message})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{csv_path} row {_first_undecodable_line(csv_path)}: not UTF-8 text; save the file as "
+                        "UTF-8 CSV") from None
+    except OSError as error:
+        raise DataError(f"{csv_path} cannot be read ({error.strerror or type(error).__name__})") from None
+    if not isinstance(table.index, pd.RangeIndex):
+        # pandas silently turns the first column into an index when the first data row has one value too many
+        raise DataError(f"{csv_path} row 2: {table.shape[1] + 1} values, but the header row has "
+                        f"{table.shape[1]} columns")
+    return table
+
+
+def _first_undecodable_line(path: Path) -> int:
+    """The first line of a file that is not UTF-8 (pandas' error gives an offset within one chunk only).
+
+    Splitting at newline bytes never cuts a character: no byte of a multi-byte UTF-8 character is one.
+    """
+    with open(path, "rb") as file:
+        return next(number for number, line in enumerate(file, start=1) if not _is_utf8(line))
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _shown(value: object) -> str:
+    """A CSV cell as a message shows it."""
+    return "empty" if pd.isna(value) else repr(str(value))
+
+
 def read_label_csv(csv_path: Path, root: Path,
                    groups: dict[str, str] | None = None) -> tuple[list[ImageRecord], tuple[str, ...], bool]:
     """An ISIC-shaped CSV: an image column, then one 0/1 column per class (1.0/0.0 accepted).
 
     Returns the records, the class names in column order, and whether the labels are multi-label
-    (some row with several ones). Images are looked up by name under `root`.
+    (some row with several ones). Images are looked up by name under `root`. An image listed twice
+    with the same labels is kept once; with other labels it is an error.
     """
-    try:
-        table = pd.read_csv(csv_path, dtype={0: str})
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{csv_path} is empty; it should hold an image column and one 0/1 column per class") from None
-    if table.shape[1] < 3 or table.empty:
-        raise DataError(f"{csv_path} needs an image column, at least two class columns and one row")
-    image_column, classes = table.columns[0], tuple(str(c) for c in table.columns[1:])
-    values = table[list(table.columns[1:])].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    # without a header, pandas neither renames repeated column names nor guesses an index column
+    raw = _read_csv(csv_path, "an image column and one 0/1 column per class", header=None, dtype=str)
+    header = list(raw.iloc[0])
+    if len(header) < 3:
+        raise DataError(f"{csv_path} row 1: needs an image column and at least two class columns, found "
+                        f"{','.join(map(str, header))}")
+    for column, name in enumerate(header):
+        if pd.isna(name) or not str(name).strip():
+            raise DataError(f"{csv_path} row 1: column {column + 1} has no name")
+        if header.index(name) != column:
+            raise DataError(f"{csv_path} row 1: column {name} appears twice")
+    classes = tuple(str(name) for name in header[1:])
+    table = raw.iloc[1:].dropna(how="all")
+    if table.empty:
+        raise DataError(f"{csv_path} has a header but no rows")
+    rows = table.index.to_numpy() + 1  # raw's index 0 is the header, row 1
+    cells = table.iloc[:, 1:]
+    values = cells.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     bad = np.argwhere(~np.isin(values, [0.0, 1.0]))
     if len(bad):
         row, column = bad[0]
-        raise DataError(f"{csv_path} row {row + 2}: column {classes[column]} is "
-                        f"{str(table.iloc[row, column + 1])!r}, not 0 or 1")
+        raise DataError(f"{csv_path} row {rows[row]}: column {classes[column]} is "
+                        f"{_shown(cells.iat[row, column])}, not 0 or 1")
+    names = table.iloc[:, 0]
+    first_of: dict[str, int] = {}  # image name to the position of its first row
+    for position, name in enumerate(names):
+        if pd.isna(name):
+            raise DataError(f"{csv_path} row {rows[position]}: the image name is empty")
+        first = first_of.setdefault(name, position)
+        if first != position and not np.array_equal(values[first], values[position]):
+            raise DataError(f"{csv_path} row {rows[position]}: image {name} appears with other labels than "
+                            f"in row {rows[first]}")
+    kept = np.fromiter(first_of.values(), dtype=np.int64, count=len(first_of))
     files = image_files_by_stem(root)
     records = []
-    for row, (name, labels) in enumerate(zip(table[image_column].astype(str), values.astype(np.float32))):
+    for position in kept:
+        name = names.iat[position]
         if name not in files:
-            raise DataError(f"{csv_path} row {row + 2}: image {name} has no PNG, JPEG or DICOM file under {root}")
-        records.append(ImageRecord(name, files[name], labels, (groups or {}).get(name)))
-    multilabel = bool((values.sum(axis=1) != 1).any())
+            raise DataError(f"{csv_path} row {rows[position]}: image {name} has no PNG, JPEG or DICOM file "
+                            f"under {root}")
+        records.append(ImageRecord(name, files[name], values[position].astype(np.float32), (groups or {}).get(name)))
+    multilabel = bool((values[kept].sum(axis=1) != 1).any())
     return records, classes, multilabel
 
 
@@ -160,44 +243,59 @@ def read_rsna_labels(csv_path: Path) -> pd.DataFrame:
     exactly are allowed (the real file has some); rows that disagree are an error. Images come out sorted
     by id, so the same CSV in any row order gives the same records and the same splits.
     """
-    try:
-        long = pd.read_csv(csv_path, dtype={"ID": object, "Label": "Int64"})
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{csv_path} is empty; it should hold RSNA's `ID,Label` rows") from None
-    except (ValueError, TypeError) as error:
-        raise DataError(f"{csv_path}: Label values must be 0 or 1 ({error})") from None
+    return _read_rsna_csv(csv_path)[0]
+
+
+def _read_rsna_csv(csv_path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """`read_rsna_labels`, and the CSV row where each of its images first appears (for later messages)."""
+    long = _read_csv(csv_path, "RSNA's `ID,Label` rows", dtype={"ID": object})
     if list(long.columns[:2]) != ["ID", "Label"]:
-        raise DataError(f"{csv_path}: expected the columns ID,Label, found {','.join(map(str, long.columns))}")
+        raise DataError(f"{csv_path} row 1: expected the columns ID,Label, found {','.join(map(str, long.columns))}")
+    long = long.dropna(how="all")
     if long.empty:
         raise DataError(f"{csv_path} has a header but no label rows")
-    labels = long["Label"].to_numpy(dtype=np.int64, na_value=-1)
+    rows = long.index.to_numpy() + 2  # the row a user counts: header row 1, blank lines included
+    labels = pd.to_numeric(long["Label"], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     bad = np.flatnonzero((labels != 0) & (labels != 1))
     if bad.size:
-        raise DataError(f"{csv_path} row {bad[0] + 2}: Label {long['Label'].iloc[bad[0]]} is not 0 or 1")
+        value = long["Label"].iat[bad[0]]
+        # a blank line makes pandas read the column as floats; :g shows 7.0 as the 7 the file says
+        shown = "(empty)" if pd.isna(value) else value if isinstance(value, str) else f"{value:g}"
+        raise DataError(f"{csv_path} row {rows[bad[0]]}: Label {shown} is not 0 or 1")
+    labels = labels.astype(np.int64)
     ids = long["ID"].fillna("").to_numpy(dtype=str)
     subtype = np.full(len(ids), -1)
     for index, name in enumerate(RSNA_CLASSES):
         subtype[np.strings.endswith(ids, "_" + name)] = index
     unknown = np.flatnonzero(subtype < 0)
     if unknown.size:
-        raise DataError(f"{csv_path} row {unknown[0] + 2}: {ids[unknown[0]]} does not end in one of {RSNA_CLASSES}")
+        shown = ids[unknown[0]] or "the empty ID"
+        raise DataError(f"{csv_path} row {rows[unknown[0]]}: {shown} does not end in one of {RSNA_CLASSES}")
     image_ids = _strip_suffixes(ids, np.array([len(name) + 1 for name in RSNA_CLASSES])[subtype])
     codes, unique_ids = pd.factorize(image_ids)
+    # factorize numbers images in order of appearance, so a row is an image's first exactly where its
+    # code exceeds every code before it
+    seen = np.maximum.accumulate(codes)
+    first_rows = rows[np.flatnonzero(np.r_[True, seen[1:] > seen[:-1]])]
     cell = codes * len(RSNA_CLASSES) + subtype
     cells = len(unique_ids) * len(RSNA_CLASSES)
     rows_per_cell = np.bincount(cell, minlength=cells)
     ones_per_cell = np.bincount(cell, weights=labels, minlength=cells)
-    conflicting = (ones_per_cell > 0) & (ones_per_cell < rows_per_cell)
-    if conflicting.any():
-        same_cell = np.flatnonzero(cell == cell[np.flatnonzero(conflicting[cell])[0]])
-        row = int(same_cell[labels[same_cell] != labels[same_cell[0]]][0])  # the first row that disagrees
-        raise DataError(f"{csv_path} row {row + 2}: {ids[row]} appears with different labels")
+    if ((ones_per_cell > 0) & (ones_per_cell < rows_per_cell)).any():
+        distinct, first_in_cell = np.unique(cell, return_index=True)
+        earlier = first_in_cell[np.searchsorted(distinct, cell)]
+        row = np.flatnonzero(labels != labels[earlier])[0]  # the first row contradicting an earlier one
+        raise DataError(f"{csv_path} row {rows[row]}: {ids[row]} appears with different labels: {labels[row]} "
+                        f"here, {labels[earlier[row]]} in row {rows[earlier[row]]}")
     if (rows_per_cell == 0).any():
-        image_id = unique_ids[np.flatnonzero(rows_per_cell == 0)[0] // len(RSNA_CLASSES)]
-        raise DataError(f"{csv_path}: image {image_id} lacks a label for some of {RSNA_CLASSES}")
+        image = np.flatnonzero(rows_per_cell == 0)[0] // len(RSNA_CLASSES)
+        missing = [name for k, name in enumerate(RSNA_CLASSES) if rows_per_cell[image * len(RSNA_CLASSES) + k] == 0]
+        raise DataError(f"{csv_path} row {first_rows[image]}: image {unique_ids[image]} lacks a label for "
+                        f"{', '.join(missing)}; each image needs one row for each of {', '.join(RSNA_CLASSES)}")
     wide = (ones_per_cell > 0).reshape(len(unique_ids), len(RSNA_CLASSES)).astype(np.float32)
     order = np.argsort(unique_ids, kind="stable")
-    return pd.DataFrame(wide[order], index=pd.Index(unique_ids[order], name="image_id"), columns=list(RSNA_CLASSES))
+    frame = pd.DataFrame(wide[order], index=pd.Index(unique_ids[order], name="image_id"), columns=list(RSNA_CLASSES))
+    return frame, first_rows[order]
 
 
 def _strip_suffixes(strings: np.ndarray, suffix_lengths: np.ndarray) -> np.ndarray:
@@ -217,13 +315,15 @@ def find_rsna_labelled(root: Path) -> list[ImageRecord]:
     csv_path = _rsna_label_csv(root)
     if csv_path is None:
         raise DataError(f"no {' or '.join(RSNA_LABEL_FILES)} in {root}; downstream training needs RSNA's label CSV")
-    labels = read_rsna_labels(csv_path)
+    labels, first_rows = _read_rsna_csv(csv_path)
     image_dir = _rsna_image_dir(root)
     paths = {p.stem: p for p in image_dir.glob("*.dcm")}
-    absent = [image_id for image_id in labels.index if image_id not in paths]
-    if absent:
-        raise DataError(f"{csv_path}: {len(absent)} labelled images have no file in {image_dir} "
-                        f"(first: {absent[0]}.dcm)")
+    absent = np.flatnonzero([image_id not in paths for image_id in labels.index])
+    if absent.size:
+        first = absent[np.argmin(first_rows[absent])]  # the one a user meets first reading the CSV
+        others = f" ({absent.size - 1} more labelled images lack a file too)" if absent.size > 1 else ""
+        raise DataError(f"{csv_path} row {first_rows[first]}: image {labels.index[first]} has no file "
+                        f"{labels.index[first]}.dcm in {image_dir}{others}")
     values = labels.to_numpy()
     return [ImageRecord(image_id, paths[image_id], values[i]) for i, image_id in enumerate(labels.index)]
 
@@ -249,15 +349,24 @@ ISIC_METADATA_FILES = ("ISIC_2019_Training_Metadata.csv", "HAM10000_metadata.csv
 
 
 def isic_lesions(root: Path) -> dict[str, str]:
-    """Image name to lesion id from HAM10000-style metadata, so one lesion's images stay together."""
+    """Image name to lesion id from HAM10000-style metadata, so one lesion's images stay together.
+
+    An image listed twice with two lesion ids is an error: its lesion's images could not be kept together.
+    """
     for name in ISIC_METADATA_FILES:
         path = root / name
         if path.is_file():
-            table = pd.read_csv(path, dtype=str)
+            table = _read_csv(path, "an image and a lesion_id column", dtype=str)
             image_column = "image" if "image" in table.columns else "image_id"
             if "lesion_id" in table.columns and image_column in table.columns:
-                known = table.dropna(subset=["lesion_id"])
-                return dict(zip(known[image_column], known["lesion_id"]))
+                known = table.dropna(subset=[image_column, "lesion_id"])
+                lesions: dict[str, tuple[str, int]] = {}  # image to its lesion and the row saying so
+                for row, image, lesion in zip(known.index + 2, known[image_column], known["lesion_id"]):
+                    first, first_row = lesions.setdefault(image, (lesion, row))
+                    if first != lesion:
+                        raise DataError(f"{path} row {row}: image {image} is in lesion {lesion} here but in "
+                                        f"{first} in row {first_row}")
+                return {image: lesion for image, (lesion, _) in lesions.items()}
     return {}
 
 
@@ -267,7 +376,7 @@ def find_isic_labelled(root: Path) -> list[ImageRecord]:
         raise DataError(f"no {ISIC_LABEL_FILE} in {root}; pass --labels CSV for other labels")
     records, classes, _ = read_label_csv(csv_path, root, isic_lesions(root))
     if classes != ISIC_CLASSES:
-        raise DataError(f"{csv_path}: expected the columns {','.join(ISIC_CLASSES)}, found {','.join(classes)}; "
+        raise DataError(f"{csv_path} row 1: expected the classes {','.join(ISIC_CLASSES)}, found {','.join(classes)}; "
                         "pass it with --labels to use its own classes")
     return records
 
@@ -300,23 +409,50 @@ ACDC_CLASSES = ("NOR", "MINF", "DCM", "HCM", "RV")
 
 
 def read_info_cfg(path: Path) -> dict[str, str]:
-    """ACDC's `Info.cfg` (`Key: value` lines), checked to name a known Group and ED/ES frames."""
-    info = {}
-    for line in path.read_text().splitlines():
+    """ACDC's `Info.cfg` (`Key: value` lines), checked to name a known Group and ED/ES frames.
+
+    A key repeated with the same value is fine; with another value it is an error naming both lines.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing; each patientXXX folder needs its Info.cfg") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} line {_first_undecodable_line(path)}: not UTF-8 text") from None
+    except OSError as error:
+        raise DataError(f"{path} cannot be read ({error.strerror or type(error).__name__})") from None
+    info: dict[str, str] = {}
+    line_of: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
         if ":" in line:
-            key, value = line.split(":", 1)
-            info[key.strip()] = value.strip()
-    if info.get("Group") not in ACDC_CLASSES:
-        raise DataError(f"{path}: Group is {info.get('Group')!r}, expected one of {', '.join(ACDC_CLASSES)}")
+            key, value = (part.strip() for part in line.split(":", 1))
+            if info.setdefault(key, value) != value:
+                raise DataError(f"{path}: {key} is {value!r} on line {number} but {info[key]!r} on line {line_of[key]}")
+            line_of.setdefault(key, number)
+    if "Group" not in info:
+        raise DataError(f"{path}: Group is missing; expected a line `Group: X`, X one of {', '.join(ACDC_CLASSES)}")
+    if info["Group"] not in ACDC_CLASSES:
+        raise DataError(f"{path}: Group is {info['Group']!r} on line {line_of['Group']}, expected one of "
+                        f"{', '.join(ACDC_CLASSES)}")
     for key in ("ED", "ES"):
-        if not info.get(key, "").isdigit():
-            raise DataError(f"{path}: {key} must be a 1-based frame number, found {info.get(key)!r}")
+        value = info.get(key, "")
+        if not (value.isdigit() and int(value) >= 1):
+            where = f" on line {line_of[key]}" if key in line_of else ""
+            raise DataError(f"{path}: {key} must be a 1-based frame number, found {info.get(key)!r}{where}")
     return info
 
 
 def acdc_patients(root: Path) -> list[Path]:
     base = root / "training" if (root / "training").is_dir() else root
     return sorted(p for p in base.iterdir() if p.is_dir() and re.fullmatch(r"patient\d+", p.name))
+
+
+def _volume_slices(path: Path) -> tuple[int, int]:
+    """(slices, frames) of a NIfTI volume a dataset lists; one it cannot read stops the run, naming its path."""
+    try:
+        return nifti_slice_count(path)
+    except UnreadableImageError as error:
+        raise DataError(f"{path}: {str(error).removeprefix(f'{path.name}: ')}") from None
 
 
 def find_acdc_labelled(root: Path) -> list[ImageRecord]:
@@ -332,7 +468,7 @@ def find_acdc_labelled(root: Path) -> list[ImageRecord]:
             path = folder / f"{folder.name}_frame{int(info[phase]):02d}.nii.gz"
             if not path.is_file():
                 raise DataError(f"{folder / 'Info.cfg'}: {phase} is frame {info[phase]} but {path.name} is missing")
-            slices, _ = nifti_slice_count(path)
+            slices, _ = _volume_slices(path)
             records += [ImageRecord(f"{folder.name}_{phase}_s{z:02d}", path, labels, folder.name, (z,))
                         for z in range(slices)]
     return records
@@ -346,7 +482,7 @@ def find_acdc_cine(root: Path, labelled: list[ImageRecord]) -> list[ImageRecord]
         if not cine.is_file():
             records += [r for r in labelled if r.group == folder.name]
             continue
-        slices, frames = nifti_slice_count(cine)
+        slices, frames = _volume_slices(cine)
         records += [ImageRecord(f"{folder.name}_t{t:02d}_s{z:02d}", cine, None, folder.name, (z, t))
                     for t in range(frames) for z in range(slices)]
     return records
@@ -405,9 +541,17 @@ class ImageDataset(Dataset):
             return image, labels, readable
         try:
             array = decode_record(record)
-        except UnreadableImageError:
+        except Exception:  # whatever a file does to its reader, one bad file never stops a run
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), labels, False
         return resize_uint8(array, self.image_size), labels, True
+
+    def why_unreadable(self, index: int) -> str:
+        """The reader's reason for an image that came out unreadable (decoded again: bad files are rare)."""
+        try:
+            decode_record(self.records[index])
+        except Exception as error:
+            return str(error) or type(error).__name__
+        return "unreadable in the decoded-image cache"
 
 
 def resize_uint8(array: np.ndarray, size: int) -> torch.Tensor:
