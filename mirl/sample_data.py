@@ -130,7 +130,8 @@ def _dicom_slice(hu: np.ndarray, image_id: str, patient: dict, study_uid: str, s
     if broken_header:  # 12-bit unsigned pixels holding HU modulo 4096, intercept claiming 0
         ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 0
         ds.RescaleIntercept = 0
-        stored = np.mod(np.round(hu).astype(np.int32), 4096).astype(np.uint16)
+        # such scanners store nothing below air (-1000 HU): the repair maps back exactly -1000..3095 HU
+        stored = np.mod(np.round(np.maximum(hu, -1000.0)).astype(np.int32), 4096).astype(np.uint16)
     else:
         ds.BitsStored, ds.PixelRepresentation = 16, 1
         ds.RescaleIntercept = -1024
