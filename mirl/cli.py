@@ -104,6 +104,11 @@ def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.Argumen
         parser.add_argument("--moco-momentum", type=float, default=0.999, help="key encoder momentum m")
         parser.add_argument("--bn-splits", type=positive_int, default=8,
                             help="BatchNorm groups standing in for shuffle-BN on one device")
+        parser.add_argument("--supervised", action="store_true",
+                            help="label-aware MoCo: images of the --fraction split that share a label are positives "
+                                 "too (supervised contrastive loss over the queue); the other images stay unlabelled")
+        parser.add_argument("--fraction", type=int, choices=FRACTIONS, default=100,
+                            help="with --supervised: percent of training labels used (its split file)")
     return parser
 
 
@@ -154,7 +159,8 @@ def pretrain_script(dataset: str, method: str, script_file: str, argv: list[str]
     from mirl.pretrain import pretrain
     folder = Path(script_file).resolve().parent
     args = pretrain_parser(dataset, method, folder).parse_args(argv)
-    args.output_dir = args.output_dir or folder / "runs" / method
+    default_run = f"{method}_super_{args.fraction}F" if getattr(args, "supervised", False) else method
+    args.output_dir = args.output_dir or folder / "runs" / default_run
     return guarded(lambda: pretrain(bound_dataset(dataset, args), method, args))
 
 

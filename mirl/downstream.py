@@ -25,7 +25,7 @@ from mirl.engine import RunLog, Trainer, make_loader, predict, prepare_network, 
     resolve_precision, seed_everything
 from mirl.errors import CheckpointError, InputError
 from mirl.metrics import bootstrap_interval, evaluate, primary_metric, reported_metrics
-from mirl.models import build_classifier
+from mirl.models import ENCODERS, build_classifier
 from mirl.optim import build_scheduler
 from mirl.pretrain import METHODS, MethodSpec
 from mirl.splits import load_splits
@@ -54,21 +54,22 @@ def pretrained_encoder(method: MethodSpec, args: argparse.Namespace) -> dict[str
     return checkpoint["encoder"]
 
 
-def torchvision_weights(path: Path) -> dict[str, torch.Tensor]:
+def torchvision_weights(path: Path, arch: str) -> dict[str, torch.Tensor]:
     """A local torchvision state dict for --init-weights, without its ImageNet classifier."""
     state = load_checkpoint(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a torchvision state dict (a mapping of names to tensors)")
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return {k: v for k, v in state.items() if not k.startswith(ENCODERS[arch].classifier_prefix)}
 
 
-def load_encoder(model: nn.Module, encoder: dict[str, torch.Tensor], source: Path) -> None:
-    """Load encoder weights into a torchvision classifier; only its new `fc` may be left out."""
+def load_encoder(model: nn.Module, encoder: dict[str, torch.Tensor], source: Path, arch: str) -> None:
+    """Load encoder weights into a torchvision classifier; only its new classifier may be left out."""
+    head = ENCODERS[arch].classifier_prefix
     try:
         missing, unexpected = model.load_state_dict(encoder, strict=False)
     except RuntimeError as error:
         raise CheckpointError(f"{source} does not fit the model: {str(error).splitlines()[1].strip()}") from None
-    if unexpected or any(not k.startswith("fc.") for k in missing):
+    if unexpected or any(not k.startswith(head) for k in missing):
         raise CheckpointError(f"{source} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
@@ -89,7 +90,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     if args.resnet:
         args.arch = args.arch or "resnet50"
         if args.init_weights is not None:
-            encoder, source = torchvision_weights(args.init_weights), args.init_weights
+            encoder, source = torchvision_weights(args.init_weights, args.arch), args.init_weights
     else:
         encoder, source = pretrained_encoder(method, args), args.pretrained
     args.epochs = args.epochs or (FROZEN_EPOCHS if args.frozen else FINETUNE_EPOCHS)
@@ -114,12 +115,14 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     classes = description.classes
     model = build_classifier(args.arch, len(classes))
     if encoder is not None:
-        load_encoder(model, encoder, source)
+        load_encoder(model, encoder, source, args.arch)
+    head = ENCODERS[args.arch].classifier_prefix
     if args.frozen:
         for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("fc.")
-        nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
-        nn.init.zeros_(model.fc.bias)
+            p.requires_grad = name.startswith(head)
+        output = ENCODERS[args.arch].output_layer(model)
+        nn.init.normal_(output.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(output.bias)
     model = prepare_network(model, device, args.channels_last, args.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # `network` trains (wrapped for DDP under torchrun); `model` is the plain torchvision model it wraps
@@ -201,7 +204,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     trainer.fit(args.epochs, log, end_of_epoch, train_mode)
     model.load_state_dict(best["state"])
     if args.frozen:
-        changed = [k for k, v in model.state_dict().items() if not k.startswith("fc.") and
+        changed = [k for k, v in model.state_dict().items() if not k.startswith(head) and
                    not torch.equal(v.cpu(), encoder[k])]
         if changed:
             raise RuntimeError(f"the frozen encoder changed during linear training ({changed[:3]})")

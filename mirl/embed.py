@@ -29,8 +29,9 @@ def encoder_from_checkpoint(path: Path) -> tuple[torch.nn.Module, str]:
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("arch") not in ENCODERS:
         raise CheckpointError(f"{path} is not a MIRL checkpoint with a known architecture")
+    head = ENCODERS[checkpoint["arch"]].classifier_prefix
     weights = checkpoint.get("encoder") or {k: v for k, v in checkpoint.get("model", {}).items()
-                                            if not k.startswith("fc.")}
+                                            if not k.startswith(head)}
     encoder, _ = build_encoder(checkpoint["arch"])
     encoder.load_state_dict(weights)
     return encoder, checkpoint.get("dataset", "")

@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.models import ResNet
 from tqdm import tqdm
 
 from mirl.augment import normalize
@@ -30,6 +29,7 @@ from mirl.datasets import ImageDataset
 from mirl.checkpoints import CheckpointStore, random_state, restore_random_state
 from mirl.distributed import any_rank, gather_objects, is_main_process, local_rank, rank, world_size
 from mirl.errors import DataError, InputError
+from mirl.models import ENCODER_CLASSES
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -55,14 +55,14 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
-def prepare_network(model: nn.Module, device: torch.device, channels_last: bool, compile_resnets: bool) -> nn.Module:
+def prepare_network(model: nn.Module, device: torch.device, channels_last: bool, compile_encoders: bool) -> nn.Module:
     """Move a network to its device, in channels_last layout when asked (convolutions then skip layout
     conversions; a convolution runs channels_last when its weight is, whatever its input), and compile
-    each ResNet inside it in place with torch.compile, so parameter names and checkpoints are unchanged."""
+    each encoder network inside it in place with torch.compile, so parameter names and checkpoints are unchanged."""
     model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
-    if compile_resnets:
+    if compile_encoders:
         for module in model.modules():
-            if isinstance(module, ResNet):
+            if isinstance(module, ENCODER_CLASSES):
                 module.compile()
     return model
 

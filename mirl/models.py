@@ -1,10 +1,12 @@
 """Encoders, projection heads and the contrastive methods: MoCo (v1 and v2) and SimCLR.
 
 The encoder is a plain torchvision model with its classifier removed, so the state dict a
-pretraining run saves loads into `torchvision.models.resnet50()` under the same key names.
+pretraining run saves loads into `torchvision.models.resnet50()` (or `efficientnet_b0()`...) under
+the same key names.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -13,26 +15,56 @@ import torch.nn.functional as F
 import torchvision
 
 from mirl.distributed import convert_to_cross_rank_batchnorm, gather_no_grad, gather_with_grad, is_distributed, \
-    shuffle_across_ranks, unshuffle_across_ranks
+    rank, shuffle_across_ranks, unshuffle_across_ranks
 
-ENCODERS: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": torchvision.models.resnet18,
-    "resnet50": torchvision.models.resnet50,
+@dataclass(frozen=True)
+class Architecture:
+    """A torchvision classifier family usable as an encoder: its builder and the attribute that holds
+    its ImageNet classifier (`fc` for ResNets, `classifier`, a dropout then a linear layer, for
+    EfficientNets). Everything else (feature width, heads, checkpoint keys) follows from the model."""
+
+    build: Callable[..., nn.Module]
+    classifier: str
+
+    @property
+    def classifier_prefix(self) -> str:
+        """How the classifier's parameter names start in a state dict."""
+        return f"{self.classifier}."
+
+    def output_layer(self, model: nn.Module) -> nn.Linear:
+        """The classifier's linear layer (the last one of a Sequential)."""
+        layer = getattr(model, self.classifier)
+        return layer[-1] if isinstance(layer, nn.Sequential) else layer
+
+
+ENCODERS: dict[str, Architecture] = {
+    "resnet18": Architecture(torchvision.models.resnet18, "fc"),
+    "resnet50": Architecture(torchvision.models.resnet50, "fc"),
+    "efficientnet_b0": Architecture(torchvision.models.efficientnet_b0, "classifier"),
+    "efficientnet_b1": Architecture(torchvision.models.efficientnet_b1, "classifier"),
+    "efficientnet_b2": Architecture(torchvision.models.efficientnet_b2, "classifier"),
+    "efficientnet_b3": Architecture(torchvision.models.efficientnet_b3, "classifier"),
 }
+# the network classes inside these encoders, compiled in place by --compile
+ENCODER_CLASSES = (torchvision.models.ResNet, torchvision.models.EfficientNet)
 
 
 def build_classifier(arch: str, num_classes: int) -> nn.Module:
     """A randomly initialised torchvision model with `num_classes` outputs (never downloads weights)."""
-    return ENCODERS[arch](weights=None, num_classes=num_classes)
+    return ENCODERS[arch].build(weights=None, num_classes=num_classes)
 
 
 def build_encoder(arch: str, norm_layer: Callable[[int], nn.Module] | None = None) -> tuple[nn.Module, int]:
     """The torchvision model without its classifier, and the width of the features it returns."""
+    architecture = ENCODERS[arch]
     kwargs = {"norm_layer": norm_layer} if norm_layer is not None else {}
-    model = ENCODERS[arch](weights=None, **kwargs)
-    feature_dim = model.fc.in_features
-    model.fc = nn.Identity()
+    model = architecture.build(weights=None, **kwargs)
+    feature_dim = architecture.output_layer(model).in_features
+    setattr(model, architecture.classifier, nn.Identity())
     return model, feature_dim
+
+
+MIN_VALUES_PER_GROUP = 16
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
@@ -50,7 +82,11 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.splits <= 1:
             return super().forward(x)
-        groups = x.chunk(max(1, min(self.splits, x.shape[0] // 2)))  # 2+ images per group
+        # each group needs enough values per channel for its statistics to mean something: with two
+        # images at 1 x 1 (a small input's last stage) a group normalises 2 numbers and gradients explode
+        values_per_image = x[0, 0].numel()
+        most_groups = min(x.shape[0] // 2, x.shape[0] * values_per_image // MIN_VALUES_PER_GROUP)
+        groups = x.chunk(max(1, min(self.splits, most_groups)))
         # momentum 1 makes batch_norm leave each group's mean and unbiased variance in its buffers, so the
         # whole batch's statistics come without another pass over x (a separate x.var took 40 % of a step)
         means = [torch.zeros_like(self.running_mean) for _ in groups]
@@ -82,7 +118,8 @@ def projection_head(kind: str, in_dim: int, out_dim: int = 128) -> nn.Module:
 
 
 class MomentumQueue(nn.Module):
-    """A FIFO of the most recent K keys, stored as a ring buffer (any K, any batch size).
+    """A FIFO of the most recent K keys, stored as a ring buffer (any K, any batch size), with each
+    key's label vector beside it when `label_dim` > 0 (label-aware MoCo).
 
     Only keys that were really enqueued serve as negatives. The reference starts from K random
     unit vectors instead; on a dataset of similar-looking scans those are such easy negatives that
@@ -90,9 +127,10 @@ class MomentumQueue(nn.Module):
     before the queue has filled with real keys.
     """
 
-    def __init__(self, dim: int, size: int) -> None:
+    def __init__(self, dim: int, size: int, label_dim: int = 0) -> None:
         super().__init__()
         self.register_buffer("keys", torch.zeros(size, dim))
+        self.register_buffer("labels", torch.zeros(size, label_dim))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
@@ -100,23 +138,72 @@ class MomentumQueue(nn.Module):
         """The keys enqueued so far (all K once the queue has wrapped around), as a copy."""
         return self.keys[:int(self.filled)].clone()
 
+    def negative_labels(self) -> torch.Tensor:
+        """The label vectors of `negatives()`, row for row."""
+        return self.labels[:int(self.filled)].clone()
+
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
+    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Overwrite the oldest entries with `keys` (only the newest K if more than K are given)."""
         size = self.keys.shape[0]
         keys = keys[-size:]
         slots = (self.pointer + torch.arange(keys.shape[0], device=keys.device)) % size
         self.keys[slots] = keys.to(self.keys.dtype)
+        if labels is not None:
+            self.labels[slots] = labels[-size:].to(self.labels.dtype)
         self.pointer.copy_((self.pointer + keys.shape[0]) % size)
         self.filled.copy_(torch.clamp(self.filled + keys.shape[0], max=size))
 
 
+def jaccard_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|A and B| / |A or B| of every row of the 0/1 matrix `a` with every row of `b`; 0 where both are empty.
+
+    For one-hot labels this is 1 for the same class and 0 otherwise; for multi-label sets it weighs a
+    pair by how much of their findings they share."""
+    dtype = torch.promote_types(a.dtype, torch.float32) if a.is_floating_point() else torch.float32
+    a, b = a.to(dtype), b.to(dtype)
+    shared = a @ b.t()
+    union = a.sum(dim=1, keepdim=True) + b.sum(dim=1)[None, :] - shared
+    return torch.where(union > 0, shared / union.clamp(min=1e-12), torch.zeros_like(shared))
+
+
+def label_aware_infonce(q: torch.Tensor, batch_keys: torch.Tensor, queue_keys: torch.Tensor,
+                        labels: torch.Tensor, batch_labels: torch.Tensor, queue_labels: torch.Tensor,
+                        own: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The supervised contrastive loss of Khosla et al. (2020) over MoCo's keys.
+
+    Query i (unit vector) is compared with every key of the batch (gathered from all ranks) and of the
+    queue. Its positives are its own key (index `own[i]` among the batch keys, weight 1) and every key
+    whose labels overlap its own, weighted by the Jaccard overlap; the loss is the weighted mean of
+    -log softmax over those positives. Label rows are all zero for unlabelled images: such a query has
+    only its own key as positive and keeps plain MoCo's objective, its key against the queue (the
+    batch's other keys, which MoCo never uses, are hidden from it). When no two images share a label
+    the loss is InfoNCE with the batch and the queue as negatives.
+    """
+    keys = torch.cat([batch_keys, queue_keys])
+    logits = q @ keys.t() / temperature
+    rows = torch.arange(q.shape[0], device=q.device)
+    weights = jaccard_overlap(labels, torch.cat([batch_labels, queue_labels]))
+    weights[rows, own] = 1.0
+    labelled = labels.sum(dim=1) > 0
+    hidden = ~labelled[:, None] & (torch.arange(keys.shape[0], device=q.device) < batch_keys.shape[0])[None, :]
+    hidden[rows, own] = False
+    log_probability = logits.masked_fill(hidden, float("-inf")).log_softmax(dim=1)
+    weighted = torch.where(weights > 0, weights * log_probability, torch.zeros_like(log_probability))
+    return (-weighted.sum(dim=1) / weights.sum(dim=1)).mean()
+
+
 class MoCo(nn.Module):
     """Momentum Contrast: a query encoder trained by gradient, a key encoder that trails it by
-    momentum, and a queue of past keys as negatives (He et al. 2020; v2 head and temperature by flags)."""
+    momentum, and a queue of past keys as negatives (He et al. 2020; v2 head and temperature by flags).
+
+    With `label_dim` > 0 the queue keeps each key's labels and the loss is `label_aware_infonce`:
+    images of the same class are positives too, unlabelled ones keep the self-supervised objective.
+    """
 
     def __init__(self, arch: str, head: str = "linear", dim: int = 128, queue_size: int = 65536,
-                 momentum: float = 0.999, temperature: float = 0.07, bn_splits: int = 8) -> None:
+                 momentum: float = 0.999, temperature: float = 0.07, bn_splits: int = 8,
+                 label_dim: int = 0) -> None:
         super().__init__()
         self.momentum = momentum
         self.temperature = temperature
@@ -127,7 +214,7 @@ class MoCo(nn.Module):
         self.encoder_k, _ = build_encoder(arch, norm)
         self.head_q = projection_head(head, feature_dim, dim)
         self.head_k = projection_head(head, feature_dim, dim)
-        self.queue = MomentumQueue(dim, queue_size)
+        self.queue = MomentumQueue(dim, queue_size, label_dim)
         for online, target in zip(self._online_params(), self._target_params()):
             target.data.copy_(online.data)
             target.requires_grad = False
@@ -149,12 +236,21 @@ class MoCo(nn.Module):
         k = F.normalize(self.head_k(self.encoder_k(shuffled)), dim=1)
         return unshuffle_across_ranks(k, inverse)
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """InfoNCE loss of a batch of queries against their keys and the queue; also the logits."""
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor,
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """InfoNCE loss of a batch of queries against their keys and the queue; also the logits.
+        `labels` (label-aware MoCo) are label vectors with "no finding", all zero when unknown."""
         q = F.normalize(self.head_q(self.encoder_q(im_q)), dim=1)
         self.momentum_update()
         k = self.keys(im_k)
         q, k = q.float(), k.float()  # logits and loss in fp32 under autocast
+        if labels is not None:
+            batch_keys, batch_labels = gather_no_grad(k), gather_no_grad(labels.float())
+            own = rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
+            loss = label_aware_infonce(q, batch_keys, self.queue.negatives().float(), labels.float(), batch_labels,
+                                       self.queue.negative_labels(), own, self.temperature)
+            self.queue.enqueue(batch_keys, batch_labels)
+            return loss, q @ batch_keys.t() / self.temperature
         positive = (q * k).sum(dim=1, keepdim=True)
         negative = q @ self.queue.negatives().float().t()
         logits = torch.cat([positive, negative], dim=1) / self.temperature

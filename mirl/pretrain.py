@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -63,6 +65,9 @@ def pretraining_records(description: DatasetDescription,
     if not records:
         raise InputError(f"no images found under {args.data_root}; {description.data_hint}")
     monitor_sets = None
+    if labelled is None and getattr(args, "supervised", False):
+        raise InputError(f"--supervised needs labelled data, but {args.data_root} has no labels; "
+                         f"{description.data_hint}")
     if labelled is not None:
         splits = load_splits(description, labelled, args.split_dir)
         by_id = {r.image_id: r for r in labelled}
@@ -70,6 +75,9 @@ def pretraining_records(description: DatasetDescription,
         test = set(splits["test"])
         test_patients = {r.group for r in labelled if r.image_id in test and r.group is not None}
         records = [r for r in records if r.image_id not in test and r.group not in test_patients]
+        if getattr(args, "supervised", False):
+            records = label_aware_records(records, usable_labels(labelled, records, splits, args.fraction),
+                                          len(description.classes))
     if len(records) < args.batch_size:
         raise InputError(f"--batch-size {args.batch_size} is larger than the {len(records)} pretraining images; "
                          "lower it")
@@ -80,10 +88,40 @@ def pretraining_records(description: DatasetDescription,
     return records, monitor_sets
 
 
-def build_model(method: MethodSpec, args: argparse.Namespace) -> nn.Module:
+def usable_labels(labelled: list[ImageRecord], records: list[ImageRecord], splits: dict[str, list[str]],
+                  fraction: int) -> dict[str, np.ndarray]:
+    """The labels label-aware pretraining may use, by image id: those of the fraction's split only.
+
+    Pretraining images outside every split (ACDC's cine frames) carry their patient's diagnosis when
+    that patient's labelled slices are in the fraction's split: the label is the patient's, and the
+    patient is already a labelled one. Val and test labels are never used."""
+    train = set(splits[f"train{fraction}F"])
+    in_splits = {image_id for split in splits.values() for image_id in split}
+    by_patient = {r.group: r.labels for r in labelled if r.image_id in train and r.group is not None}
+    usable = {r.image_id: r.labels for r in labelled if r.image_id in train}
+    usable.update({r.image_id: by_patient[r.group] for r in records
+                   if r.image_id not in in_splits and r.group in by_patient})
+    return usable
+
+
+def label_aware_records(records: list[ImageRecord], usable: dict[str, np.ndarray],
+                        num_classes: int) -> list[ImageRecord]:
+    """Records for label-aware MoCo: images with usable labels keep them, with one more class, "no
+    finding", for a labelled image without any (two normal scans are alike too; an all-zero vector
+    would overlap nothing); every other image is all zero: unlabelled."""
+    def label_vector(record: ImageRecord) -> np.ndarray:
+        if record.image_id not in usable:
+            return np.zeros(num_classes + 1, dtype=np.float32)
+        labels = np.asarray(usable[record.image_id], dtype=np.float32)
+        return np.append(labels, np.float32(labels.sum() == 0))
+    return [replace(r, labels=label_vector(r)) for r in records]
+
+
+def build_model(method: MethodSpec, args: argparse.Namespace, num_classes: int) -> nn.Module:
     if method.queue:
         return MoCo(args.arch, head=method.head, queue_size=args.queue_size, momentum=args.moco_momentum,
-                    temperature=args.temperature, bn_splits=args.bn_splits)
+                    temperature=args.temperature, bn_splits=args.bn_splits,
+                    label_dim=num_classes + 1 if args.supervised else 0)
     return SimCLR(args.arch, temperature=args.temperature)
 
 
@@ -109,7 +147,8 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     args.arch = args.arch or "resnet50"
     identity = {"method": method.name, "dataset": description.name, "arch": args.arch,
                 "batch_size": args.batch_size, "image_size": args.image_size, "world_size": distributed.world_size(),
-                "queue_size": getattr(args, "queue_size", None)}
+                "queue_size": getattr(args, "queue_size", None),
+                "supervised_fraction": args.fraction if getattr(args, "supervised", False) else None}
     if resumed is not None:
         check_same_run(resumed, identity, resume_from)
     device = resolve_device(args.device)
@@ -118,14 +157,17 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
 
     distributed.init_from_environment(device)
     seed_everything(args.seed, args.deterministic)
-    model = prepare_network(build_model(method, args), device, args.channels_last, args.compile)
+    supervised = getattr(args, "supervised", False)
+    label_dim = len(description.classes) + 1 if supervised else len(description.classes)
+    model = prepare_network(build_model(method, args, len(description.classes)), device, args.channels_last,
+                            args.compile)
     core = model
     if resumed is not None:
         core.load_state_dict(resumed["model"])
     if distributed.is_distributed():
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers) if args.cache else None
-    dataset = ImageDataset(records, args.image_size, len(description.classes), cache)
+    dataset = ImageDataset(records, args.image_size, label_dim, cache)
     loader = make_loader(dataset, args.batch_size, args.workers, shuffle=True, drop_last=True, seed=args.seed)
     optimizer = build_optimizer(model, method, args)
     total_steps = args.epochs * len(loader)
@@ -137,11 +179,13 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     log = RunLog(args.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
     config = {**vars(args), "method": method.name, "dataset": description.name, "images": len(records),
               "device": str(device), "precision": str(precision or "fp32"), "augment": style,
-              "world_size": distributed.world_size(), "resumed_from": resume_from}
+              "world_size": distributed.world_size(), "resumed_from": resume_from,
+              "labelled_images": sum(bool(r.labels.any()) for r in records) if supervised else 0}
     log.json("config.json", config)
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss, _ = model(augment(images), augment(images))  # two independent views of each image
+        views = augment(images), augment(images)  # two independent views of each image
+        loss, _ = model(*views, labels) if supervised else model(*views)
         return loss
 
     monitor = None
@@ -153,6 +197,7 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
 
     def snapshot() -> dict:
         return {"method": method.name, "arch": args.arch, "dataset": description.name, "run": identity,
+                "supervised_fraction": identity["supervised_fraction"],
                 "encoder": core.feature_encoder().state_dict(), "model": core.state_dict(),
                 "monitor": latest["monitor"], "config": {k: str(v) for k, v in config.items()}}
 

@@ -31,10 +31,37 @@ MODES = ("frozen", "finetune")
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A family of the study's columns: the scripts' method it runs, with which encoder, and whether
+    its pretraining uses labels (then once per label fraction, from that fraction's split only)."""
+
+    method: str
+    title: str
+    arch: str | None = None  # None: the study's --arch
+    label_aware: bool = False
+
+
+VARIANTS: dict[str, Variant] = {
+    "moco": Variant("moco", "MoCo"),
+    "mocov2": Variant("mocov2", "MoCo v2"),
+    "simclr": Variant("simclr", "SimCLR"),
+    # the published MIRL table's extra columns: MoCo with an EfficientNet encoder, and label-aware MoCo
+    "moco_efficient": Variant("moco", "MoCo EfficientNet-B0", arch="efficientnet_b0"),
+    "moco_super": Variant("moco", "MoCo super", label_aware=True),
+    "mocov2_super": Variant("mocov2", "MoCo v2 super", label_aware=True),
+}
+
+
+def pretraining_dir(out: Path, variant: str, fraction: int) -> Path:
+    """Where a variant's encoder is pretrained: one per variant, or per fraction when label-aware."""
+    return out / "pretrain" / (f"{variant}_{fraction}F" if VARIANTS[variant].label_aware else variant)
+
+
+@dataclass(frozen=True)
 class Run:
     """One downstream run of the study."""
 
-    method: str
+    method: str  # a VARIANTS key or SUPERVISED
     mode: str
     fraction: int
     seed: int
@@ -43,7 +70,7 @@ class Run:
     def column(self) -> str:
         if self.method == SUPERVISED:
             return "Supervised"
-        return f"{METHODS[self.method].title} {self.mode}"
+        return f"{VARIANTS[self.method].title} {self.mode}"
 
     @property
     def name(self) -> str:
@@ -168,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--split-dir", type=Path, default=None, help="default: OUTPUT_DIR/splits")
     parser.add_argument("--fractions", type=int, nargs="+", choices=FRACTIONS, default=list(FRACTIONS))
-    parser.add_argument("--methods", nargs="+", choices=[*METHODS, SUPERVISED], default=[*METHODS, SUPERVISED])
+    parser.add_argument("--methods", nargs="+", choices=[*VARIANTS, SUPERVISED], default=[*METHODS, SUPERVISED],
+                        help="columns to run (default: the three methods and the supervised baseline; "
+                             "moco_efficient, moco_super and mocov2_super add the published table's others)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--arch", choices=sorted(ENCODERS), default="resnet50")
@@ -183,23 +212,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.output_dir
     split_dir = args.split_dir or out / "splits"
-    common = ["--data-root", str(args.data_root), "--split-dir", str(split_dir), "--arch", args.arch,
+    common = ["--data-root", str(args.data_root), "--split-dir", str(split_dir),
               "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--device", args.device]
     if args.workers is not None:
         common += ["--workers", str(args.workers)]
     if args.cache is not None:
         common += ["--cache", str(args.cache)]
 
-    for method in (m for m in args.methods if m != SUPERVISED):
-        checkpoint = out / "pretrain" / method / "checkpoint.pth"
-        wanted = args.epochs or METHODS[method].epochs
+    pretrainings = dict.fromkeys((m, f if VARIANTS[m].label_aware else None)
+                                 for m in args.methods if m != SUPERVISED for f in args.fractions)
+    for variant_name, fraction in pretrainings:
+        variant = VARIANTS[variant_name]
+        checkpoint = pretraining_dir(out, variant_name, fraction) / "checkpoint.pth"
+        wanted = args.epochs or METHODS[variant.method].epochs
         if pretrained_epochs(checkpoint) >= wanted:
             print(f"reusing {checkpoint}")
             continue
-        extra = ["--queue-size", str(args.queue_size)] if args.queue_size and METHODS[method].queue else []
-        status = pretrain_script(args.dataset, method, __file__, [
-            *common, "--output-dir", str(checkpoint.parent), "--epochs", str(wanted), "--seed", str(args.seeds[0]),
-            "--resume", "auto", *extra])
+        extra = ["--queue-size", str(args.queue_size)] if args.queue_size and METHODS[variant.method].queue else []
+        if variant.label_aware:
+            extra += ["--supervised", "--fraction", str(fraction)]
+        status = pretrain_script(args.dataset, variant.method, __file__, [
+            *common, "--arch", variant.arch or args.arch, "--output-dir", str(checkpoint.parent),
+            "--epochs", str(wanted), "--seed", str(args.seeds[0]), "--resume", "auto", *extra])
         if status:
             return status
 
@@ -210,13 +244,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{number}/{len(runs)}] {run.name}: done before, skipped")
             continue
         print(f"[{number}/{len(runs)}] {run.name}")
-        method = "moco" if run.method == SUPERVISED else run.method
         mode = {"frozen": ["--frozen"], "finetune": [], SUPERVISED: ["--resnet"]}[run.mode]
-        checkpoint = out / "pretrain" / method / "checkpoint.pth"
-        pretrained = [] if run.method == SUPERVISED else ["--pretrained", str(checkpoint)]
+        if run.method == SUPERVISED:
+            method, encoder = "moco", ["--arch", args.arch]
+        else:
+            variant = VARIANTS[run.method]
+            checkpoint = pretraining_dir(out, run.method, run.fraction) / "checkpoint.pth"
+            method, encoder = variant.method, ["--pretrained", str(checkpoint)]
         epochs = ["--epochs", str(args.downstream_epochs)] if args.downstream_epochs else []
         status = downstream_script(args.dataset, method, __file__, [
-            *common, *mode, *pretrained, *epochs, "--fraction", str(run.fraction), "--seed", str(run.seed),
+            *common, *mode, *encoder, *epochs, "--fraction", str(run.fraction), "--seed", str(run.seed),
             "--output-dir", str(run_dir), "--resume", "auto"])
         if status:
             return status
