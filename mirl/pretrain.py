@@ -121,7 +121,7 @@ def build_model(method: MethodSpec, args: argparse.Namespace, num_classes: int) 
     if method.queue:
         return MoCo(args.arch, head=method.head, queue_size=args.queue_size, momentum=args.moco_momentum,
                     temperature=args.temperature, bn_splits=args.bn_splits,
-                    label_dim=num_classes + 1 if args.supervised else 0)
+                    label_dim=num_classes + 1 if getattr(args, "supervised", False) else 0)
     return SimCLR(args.arch, temperature=args.temperature)
 
 

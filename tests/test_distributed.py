@@ -93,7 +93,9 @@ def test_scripts_run_under_torchrun_and_only_rank_0_writes(rsna_root, tmp_path):
     result = torchrun("trainSimCLR.py", "--output-dir", tmp_path / "simclr", *common)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "simclr" / "config.json").read_text())["world_size"] == 2
-    assert sorted(p.name for p in (tmp_path / "simclr").glob("checkpoint*")) == ["checkpoint.pth"]
+    assert sorted(p.name for p in (tmp_path / "simclr").glob("checkpoint*")) == ["checkpoint.pth", "checkpoints"]
+    # one state per epoch end, all from rank 0: no temporary file of another rank is left behind
+    assert [p.name for p in (tmp_path / "simclr" / "checkpoints").iterdir()] == ["state-e0001-b000000.pth"]
     result = torchrun("SimCLR_downstream.py", "--output-dir", tmp_path / "down", "--pretrained",
                       tmp_path / "simclr" / "checkpoint.pth", *common)
     assert result.returncode == 0, result.stderr[-2000:]
