@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "stage_2_train.csv").is_file():
         print(f"[1/3] writing {args.patients} sample CT studies to {data}")
         write_rsna(data, patients=args.patients, size=128)
+    # --resume auto: a demo started again continues where it stopped and retrains nothing it finished
     size = ["--arch", "resnet18", "--image-size", str(args.image_size), "--workers", str(args.workers),
-            "--data-root", str(data), "--split-dir", str(splits)]
+            "--data-root", str(data), "--split-dir", str(splits), "--resume", "auto"]
     print("[2/3] MoCo v2 pretraining")
     status = pretrain_script("rsna", "mocov2", __file__, [
         *size, "--output-dir", str(runs / "mocov2"), "--epochs", str(args.pretrain_epochs), "--batch-size", "64",

@@ -339,13 +339,15 @@ class Trainer:
     def _note_skipped(self, indices: list[int], ok: torch.Tensor) -> None:
         """Record each unreadable image once, with the reason its reader gives."""
         known = {row[0] for row in self.skipped}
+        before = len(self.skipped)
         dataset: ImageDataset = self.loader.dataset
         for index in (i for i, good in zip(indices, ok.tolist()) if not good):
             record = dataset.records[index]
             if record.image_id not in known:
                 self.skipped.append([record.image_id, str(record.path), dataset.why_unreadable(index)])
                 known.add(record.image_id)
-        self._write_skipped()
+        if len(self.skipped) > before:  # later epochs meet the same files again: nothing new to write
+            self._write_skipped()
 
     def _write_skipped(self) -> None:
         if not is_main_process() or not (self.skipped or self.skipped_csv.exists()):
