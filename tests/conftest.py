@@ -18,6 +18,24 @@ def run_script(folder: str, script: str, *args) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+SCRIPTS = {"trainMoCo.py": ("pretrain", "moco"), "trainMoCoV2.py": ("pretrain", "mocov2"),
+           "trainSimCLR.py": ("pretrain", "simclr"), "MoCo_downstream.py": ("downstream", "moco"),
+           "MoCov2_downstream.py": ("downstream", "mocov2"), "SimCLR_downstream.py": ("downstream", "simclr")}
+DATASET_OF_FOLDER = {"RSNA_MoCo": "rsna", "ISIC": "isic", "ACDC": "acdc"}
+
+
+def run_entry(capsys, folder: str, script: str, *args) -> subprocess.CompletedProcess:
+    """A script's entry point called in this process, with the script's own file and folder: for runs
+    that must stop before training, which would otherwise each pay a python and torch start-up."""
+    from mirl.cli import downstream_script, pretrain_script
+    kind, method = SCRIPTS[script]
+    entry = pretrain_script if kind == "pretrain" else downstream_script
+    capsys.readouterr()
+    code = entry(DATASET_OF_FOLDER[folder], method, str(REPO / folder / script), [str(a) for a in args])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(script, code, captured.out, captured.err)
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import run_script
+from conftest import run_entry
 from mirl.datasets import ACDC, ISIC, RSNA, RSNA_CLASSES, read_info_cfg, read_label_csv, read_rsna_labels
 from mirl.errors import DataError
 
@@ -286,7 +286,7 @@ def assert_refused(result, out: Path, *fragments: str) -> None:
     assert not (out / "checkpoint.pth").exists() and not (out / "metrics.json").exists()
 
 
-def test_rsna_downstream_refuses_disagreeing_rows(rsna_root, tmp_path):
+def test_rsna_downstream_refuses_disagreeing_rows(capsys, rsna_root, tmp_path):
     root = tmp_path / "rsna"
     shutil.copytree(rsna_root, root)
     csv = root / "stage_2_train.csv"
@@ -294,35 +294,35 @@ def test_rsna_downstream_refuses_disagreeing_rows(rsna_root, tmp_path):
     image_label, label = first.rsplit(",", 1)
     lines = csv.read_text().splitlines()
     write_lines(csv, [*lines, f"{image_label},{1 - int(label)}"])
-    result = run_script("RSNA_MoCo", "MoCo_downstream.py", "--resnet", "--data-root", root, "--split-dir",
+    result = run_entry(capsys, "RSNA_MoCo", "MoCo_downstream.py", "--resnet", "--data-root", root, "--split-dir",
                         tmp_path / "splits", "--output-dir", tmp_path / "out", *SMALL)
     assert_refused(result, tmp_path / "out", f"{csv} row {len(lines) + 1}: {image_label} appears with different",
                    "in row 2")
 
 
-def test_rsna_pretraining_refuses_a_label_other_than_0_or_1(rsna_root, tmp_path):
+def test_rsna_pretraining_refuses_a_label_other_than_0_or_1(capsys, rsna_root, tmp_path):
     root = tmp_path / "rsna"
     shutil.copytree(rsna_root, root)
     csv = root / "stage_2_train.csv"
     lines = csv.read_text().splitlines()
     write_lines(csv, with_row(lines, 5, lines[4].rsplit(",", 1)[0] + ",2"))
-    result = run_script("RSNA_MoCo", "trainMoCo.py", "--data-root", root, "--split-dir", tmp_path / "splits",
+    result = run_entry(capsys, "RSNA_MoCo", "trainMoCo.py", "--data-root", root, "--split-dir", tmp_path / "splits",
                         "--output-dir", tmp_path / "out", "--queue-size", "8", *SMALL)
     assert_refused(result, tmp_path / "out", f"{csv} row 5: Label 2 is not 0 or 1")
 
 
-def test_isic_downstream_refuses_a_users_csv_naming_an_absent_image(isic_root, tmp_path):
+def test_isic_downstream_refuses_a_users_csv_naming_an_absent_image(capsys, isic_root, tmp_path):
     csv = write_lines(tmp_path / "mine.csv", ["file,benign,malignant", "ISIC_0000000,1,0", "ISIC_9999999,0,1"])
-    result = run_script("ISIC", "MoCo_downstream.py", "--resnet", "--labels", csv, "--data-root", isic_root,
+    result = run_entry(capsys, "ISIC", "MoCo_downstream.py", "--resnet", "--labels", csv, "--data-root", isic_root,
                         "--split-dir", tmp_path / "splits", "--output-dir", tmp_path / "out", *SMALL)
     assert_refused(result, tmp_path / "out", f"{csv} row 3: image ISIC_9999999 has no PNG, JPEG or DICOM file")
 
 
-def test_isic_pretraining_refuses_an_empty_ground_truth(isic_root, tmp_path):
+def test_isic_pretraining_refuses_an_empty_ground_truth(capsys, isic_root, tmp_path):
     root = tmp_path / "isic"
     shutil.copytree(isic_root, root)
     (root / "ISIC_2019_Training_GroundTruth.csv").write_text("")
-    result = run_script("ISIC", "trainMoCo.py", "--data-root", root, "--split-dir", tmp_path / "splits",
+    result = run_entry(capsys, "ISIC", "trainMoCo.py", "--data-root", root, "--split-dir", tmp_path / "splits",
                         "--output-dir", tmp_path / "out", "--queue-size", "8", *SMALL)
     assert_refused(result, tmp_path / "out", "ISIC_2019_Training_GroundTruth.csv is empty")
 
@@ -333,10 +333,10 @@ def test_isic_pretraining_refuses_an_empty_ground_truth(isic_root, tmp_path):
     pytest.param(lambda p: (p / "patient004_frame01.nii.gz").write_bytes(b"garbage"),
                  "patient004/patient004_frame01.nii.gz: not a readable NIfTI volume", id="unreadable frame"),
 ])
-def test_acdc_downstream_refuses_a_broken_patient(acdc_root, tmp_path, damage, fragment):
+def test_acdc_downstream_refuses_a_broken_patient(capsys, acdc_root, tmp_path, damage, fragment):
     root = tmp_path / "acdc"
     shutil.copytree(acdc_root, root)
     damage(root / "training" / "patient004")
-    result = run_script("ACDC", "MoCov2_downstream.py", "--resnet", "--data-root", root, "--split-dir",
+    result = run_entry(capsys, "ACDC", "MoCov2_downstream.py", "--resnet", "--data-root", root, "--split-dir",
                         tmp_path / "splits", "--output-dir", tmp_path / "out", *SMALL)
     assert_refused(result, tmp_path / "out", fragment)

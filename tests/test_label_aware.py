@@ -1,5 +1,6 @@
 """Issue 7: label-aware MoCo (supervised contrastive loss over the momentum queue) and EfficientNet
 encoders, checked against direct formulas and end to end from every dataset folder."""
+import argparse
 import csv
 import json
 import math
@@ -13,9 +14,9 @@ import torchvision
 
 from conftest import run_script
 from mirl import study
-from mirl.datasets import ImageRecord
+from mirl.datasets import DATASETS, ImageRecord
 from mirl.models import MoCo, jaccard_overlap, label_aware_infonce
-from mirl.pretrain import label_aware_records, usable_labels
+from mirl.pretrain import label_aware_records, pretraining_records, usable_labels
 
 T = 0.2
 
@@ -123,13 +124,9 @@ def test_efficientnet_encoder_loads_into_plain_torchvision(tmp_path):
 TINY = ["--image-size", "32", "--batch-size", "32", "--workers", "0", "--epochs", "1", "--device", "cpu"]
 
 
-# label-aware MoCo v2 from every folder (multi-label RSNA, single-label ISIC, ACDC's cine); MoCo with
-# EfficientNet-B0 once, on RSNA (the encoder registry is the same for every folder)
-@pytest.mark.parametrize("folder,root,efficientnet", [("RSNA_MoCo", "rsna_root", True), ("ISIC", "isic_root", False),
-                                                      ("ACDC", "acdc_root", False)])
-def test_label_aware_and_efficientnet_pretraining_then_fine_tuning(folder, root, efficientnet, request, tmp_path):
-    data = request.getfixturevalue(root)
-    common = ["--data-root", data, "--split-dir", tmp_path / "splits", *TINY]
+def test_label_aware_and_efficientnet_pretraining_then_fine_tuning(rsna_root, tmp_path):
+    """Both of issue 7's pretrainings end to end on multi-label RSNA, and their checkpoints fine-tune."""
+    common = ["--data-root", rsna_root, "--split-dir", tmp_path / "splits", *TINY]
     runs = [("trainMoCoV2.py", ["--supervised", "--fraction", "10", "--arch", "resnet18", "--queue-size", "32",
                                 "--knn-images", "0"], "super"),
             ("MoCov2_downstream.py", ["--fraction", "10", "--pretrained", tmp_path / "super" / "checkpoint.pth"],
@@ -137,15 +134,32 @@ def test_label_aware_and_efficientnet_pretraining_then_fine_tuning(folder, root,
             ("trainMoCo.py", ["--arch", "efficientnet_b0", "--queue-size", "32", "--knn-images", "0"], "efficient"),
             ("MoCo_downstream.py", ["--frozen", "--pretrained", tmp_path / "efficient" / "checkpoint.pth"],
              "efficient_frozen")]
-    for script, flags, name in runs if efficientnet else runs[:2]:
-        result = run_script(folder, script, *common, *flags, "--output-dir", tmp_path / name)
+    for script, flags, name in runs:
+        result = run_script("RSNA_MoCo", script, *common, *flags, "--output-dir", tmp_path / name)
         assert result.returncode == 0, result.stderr[-2000:]
     split = len((tmp_path / "splits" / "train10F.txt").read_text().split())
-    labelled = json.loads((tmp_path / "super" / "config.json").read_text())["labelled_images"]
-    # ACDC pretrains on the cine, whose frames take the diagnosis of the split's patients
-    assert labelled == split if folder != "ACDC" else labelled > 0
-    for name in ("super_finetune", "efficient_frozen") if efficientnet else ("super_finetune",):
+    assert json.loads((tmp_path / "super" / "config.json").read_text())["labelled_images"] == split
+    for name in ("super_finetune", "efficient_frozen"):
         assert (tmp_path / name / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("dataset,root", [("isic", "isic_root"), ("acdc", "acdc_root")])
+def test_label_aware_pretraining_sees_only_the_fractions_labels(dataset, root, request, tmp_path):
+    """ISIC: the split's images keep their one-hot class. ACDC pretrains on the cine, which is in no
+    split: its frames take the diagnosis of the fraction's patients, and no other patient's."""
+    data = request.getfixturevalue(root)
+    description = DATASETS[dataset]
+    args = argparse.Namespace(data_root=data, split_dir=tmp_path / "splits", batch_size=16, queue_size=8,
+                              supervised=True, fraction=10)
+    records, _ = pretraining_records(description, args)
+    labelled = description.find_labelled(data)
+    train = set((tmp_path / "splits" / "train10F.txt").read_text().split())
+    by_patient = {r.group: r.labels for r in labelled if r.image_id in train}
+    with_labels = [r for r in records if r.labels.any()]
+    assert with_labels and {r.group for r in with_labels} == set(by_patient)
+    assert all(np.array_equal(r.labels, np.append(by_patient[r.group], 0)) for r in with_labels)
+    if dataset == "isic":
+        assert {r.image_id for r in with_labels} == train
 
 
 def test_study_runs_the_published_tables_extra_columns(rsna_root, tmp_path):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pydicom
 
-from conftest import run_script
+from conftest import run_entry
 from mirl.sample_data import write_rsna
 
 FAKE_NAME = "Leaktest^Zelda"
@@ -32,7 +32,7 @@ def identifiable_sample(root: Path) -> str:
     return files[0].stem
 
 
-def test_no_output_of_any_script_contains_patient_tags(tmp_path):
+def test_no_output_of_any_script_contains_patient_tags(tmp_path, capsys):
     data = tmp_path / "data"
     bad_slice = identifiable_sample(data)
     out = tmp_path / "out"
@@ -47,7 +47,7 @@ def test_no_output_of_any_script_contains_patient_tags(tmp_path):
     ]
     console = []
     for script, flags in runs:
-        result = run_script("RSNA_MoCo", script, *common, *flags, "--output-dir", out / script)
+        result = run_entry(capsys, "RSNA_MoCo", script, *common, *flags, "--output-dir", out / script)
         assert result.returncode == 0, result.stderr[-2000:]
         console.append(result.stdout + result.stderr)
     skipped = (out / "trainMoCoV2.py" / "skipped.csv").read_text()

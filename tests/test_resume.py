@@ -13,9 +13,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import REPO, assert_one_line_error, run_script
+from conftest import REPO, assert_one_line_error, run_entry, run_script
 from mirl.checkpoints import CheckpointStore, load_checkpoint
-from mirl.cli import downstream_script, pretrain_script
 from mirl.datasets import ImageDataset, ImageRecord
 from mirl.engine import RunLog, Trainer, make_loader
 from mirl.errors import CheckpointError
@@ -25,17 +24,6 @@ SMALL = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--wo
          "--save-every", "2", "--deterministic"]
 PRETRAIN = [*SMALL, "--epochs", "2", "--queue-size", "32", "--knn-images", "0"]
 FINETUNE = [*SMALL, "--epochs", "2", "--fraction", "50"]
-
-
-def at_the_edge(capsys, script: str, *args) -> subprocess.CompletedProcess:
-    """An RSNA script's entry point called in this process, for runs that must stop before training
-    (each would otherwise pay a python and torch start-up)."""
-    entry = pretrain_script if script.startswith("train") else downstream_script
-    method = {"trainMoCo.py": "moco", "trainMoCoV2.py": "mocov2", "MoCov2_downstream.py": "mocov2"}[script]
-    capsys.readouterr()
-    code = entry("rsna", method, str(REPO / "RSNA_MoCo" / script), [str(a) for a in args])
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(script, code, captured.out, captured.err)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -117,7 +105,7 @@ def test_only_the_newest_states_are_kept_and_checkpoint_is_the_newest(unbroken):
 def test_an_output_dir_with_states_is_not_overwritten(unbroken, capsys):
     out, common = unbroken
     before = (out / "pretrain" / "checkpoint.pth").read_bytes()
-    result = at_the_edge(capsys, "trainMoCoV2.py", *common, *PRETRAIN, "--output-dir", out / "pretrain")
+    result = run_entry(capsys, "RSNA_MoCo", "trainMoCoV2.py", *common, *PRETRAIN, "--output-dir", out / "pretrain")
     assert_one_line_error(result, "already holds training states", "--resume auto")
     assert (out / "pretrain" / "checkpoint.pth").read_bytes() == before
 
@@ -130,14 +118,14 @@ def test_an_output_dir_with_states_is_not_overwritten(unbroken, capsys):
 def test_resuming_a_state_of_another_run_is_one_line(unbroken, tmp_path, capsys, script, change, word):
     out, common = unbroken
     args = [*common, *PRETRAIN, *change, "--output-dir", tmp_path, "--resume", out / "pretrain" / "checkpoint.pth"]
-    assert_one_line_error(at_the_edge(capsys, script, *args), word)
+    assert_one_line_error(run_entry(capsys, "RSNA_MoCo", script, *args), word)
 
 
 def test_an_unwritable_output_dir_is_one_line(unbroken, tmp_path, capsys):
     _, common = unbroken
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = at_the_edge(capsys, "trainMoCoV2.py", *common, *PRETRAIN, "--output-dir", blocker / "run")
+    result = run_entry(capsys, "RSNA_MoCo", "trainMoCoV2.py", *common, *PRETRAIN, "--output-dir", blocker / "run")
     assert_one_line_error(result, "--output-dir", "cannot be written")
 
 
@@ -197,7 +185,7 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(unbroken,
                pickle_protocol=pickle.HIGHEST_PROTOCOL)
     for script, flags in (("MoCov2_downstream.py", ["--pretrained", crafted, *FINETUNE]),
                           ("trainMoCoV2.py", ["--resume", crafted, *PRETRAIN])):
-        result = at_the_edge(capsys, script, *common, *flags, "--output-dir", tmp_path / script)
+        result = run_entry(capsys, "RSNA_MoCo", script, *common, *flags, "--output-dir", tmp_path / script)
         assert_one_line_error(result, str(crafted), "not a loadable MIRL checkpoint")
     with pytest.raises(CheckpointError):
         load_checkpoint(crafted)
