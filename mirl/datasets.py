@@ -222,6 +222,16 @@ def read_label_csv(csv_path: Path, root: Path,
 
 # ---------------------------------------------------------------- RSNA Intracranial Hemorrhage
 
+def dicom_patient_group_or_own(record: ImageRecord) -> str:
+    """The salted patient hash of an RSNA slice; a file whose header cannot be read is a group of its
+    own (its pixels cannot be read either, so training skips and lists it): one bad file among
+    thousands must not stop the split from being made."""
+    try:
+        return dicom_patient_group(record.path)
+    except UnreadableImageError:
+        return f"unreadable:{record.image_id}"
+
+
 RSNA_CLASSES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
 RSNA_LABEL_FILES = ("stage_2_train.csv", "stage_1_train.csv")
 RSNA_IMAGE_DIRS = ("stage_2_train", "stage_1_train_images", "stage_2_train_images")
@@ -335,7 +345,7 @@ RSNA = DatasetDescription(
     grayscale=True,
     find_labelled=find_rsna_labelled,
     has_labels=lambda root: _rsna_label_csv(root) is not None,
-    patient_group=lambda record: dicom_patient_group(record.path),
+    patient_group=dicom_patient_group_or_own,
     data_hint="download RSNA Intracranial Hemorrhage Detection from Kaggle, or write sample data with "
               "`python -m mirl.sample_data rsna --out DIR` and pass --data-root DIR",
 )

@@ -319,8 +319,8 @@ class Trainer:
                                                   f"epoch {epoch} batch {self.batch} to {path}; "
                                                   "continue with --resume auto")
                 if readable == 0 and self.skipped:
-                    raise DataError(f"no image of the {len(self.sampler.indices)} of epoch {epoch + 1} could be read; "
-                                    f"reasons are in {self.skipped_csv}")
+                    raise DataError(f"none of the {len(self.sampler.indices)} images of epoch {epoch + 1} could be "
+                                    f"read; the reasons are in {self.skipped_csv}")
                 log.scalar("data/skipped_images", len(self.skipped), epoch)
                 summary = end_of_epoch(epoch)
                 self.epoch, self.batch = epoch + 1, 0

@@ -2,7 +2,7 @@
 row (header = row 1, blank lines counted, as a spreadsheet shows them), and the scripts exit with code 2
 before any training starts.
 
-Most cases call the readers directly; a representative few run the real scripts as a user does.
+Most cases call the readers directly; a representative few go through the scripts' entry points.
 """
 import shutil
 from pathlib import Path

@@ -1,12 +1,14 @@
 """Every RSNA_MoCo script end to end on sample data at tiny size, run the way a user runs them."""
+import csv
 import json
+import shutil
 from functools import partial
 
 import pytest
 import torch
 import torchvision
 
-from conftest import TINY, assert_one_line_error
+from conftest import TINY, assert_one_line_error, run_entry
 from conftest import run_script as run_in_folder
 
 run_script = partial(run_in_folder, "RSNA_MoCo")
@@ -108,3 +110,29 @@ def test_checkpoint_of_the_wrong_method_is_one_line(rsna_root, pretrained, tmp_p
 def test_bad_flag_is_one_line(tmp_path):
     result = run_script("MoCo_downstream.py", "--fraction", "3")
     assert_one_line_error(result, "--fraction")
+
+
+def test_a_file_that_is_not_dicom_is_skipped_listed_and_the_run_goes_on(rsna_root, tmp_path, capsys):
+    root = tmp_path / "rsna"
+    shutil.copytree(rsna_root, root)
+    slices = sorted((root / "stage_2_train").glob("*.dcm"))
+    slices[0].write_bytes(b"not a DICOM file")  # neither its patient nor its pixels can be read
+    result = run_entry(capsys, "RSNA_MoCo", "trainMoCoV2.py", "--data-root", root, "--output-dir", tmp_path / "run",
+                       "--split-dir", tmp_path / "splits", "--queue-size", "32", "--knn-images", "0", *TINY)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / "run" / "skipped.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["image_id"], "not a readable DICOM file" in r["reason"]) for r in rows] == [(slices[0].stem, True)]
+
+
+def test_a_dataset_of_only_bad_files_stops_with_one_line(rsna_root, tmp_path, capsys):
+    root = tmp_path / "rsna"
+    shutil.copytree(rsna_root, root)
+    for path in (root / "stage_2_train").glob("*.dcm"):
+        path.write_bytes(b"garbage")
+    result = run_entry(capsys, "RSNA_MoCo", "trainMoCoV2.py", "--data-root", root, "--output-dir", tmp_path / "run",
+                       "--split-dir", tmp_path / "splits", "--queue-size", "32", "--knn-images", "0", *TINY)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "could be read" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()
