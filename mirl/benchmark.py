@@ -117,7 +117,7 @@ def pretraining_model(method: str, args: argparse.Namespace, reference: bool) ->
         spec = METHODS[method]
         return LoopMomentumMoCo(args.arch, head=spec.head, queue_size=args.queue_size, momentum=args.moco_momentum,
                                 temperature=args.temperature, bn_splits=args.bn_splits)
-    return build_model(METHODS[method], args, num_classes=0)
+    return build_model(METHODS[method], args, queue_label_dim=0)
 
 
 def contrastive_step(model: torch.nn.Module, method: str, args: argparse.Namespace, device: torch.device,

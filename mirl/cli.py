@@ -92,6 +92,7 @@ def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.Argumen
     parser = OneLineParser(prog=f"{spec.title} pretraining on {dataset}",
                            description=f"Self-supervised {spec.title} pretraining of an encoder; labels unused.")
     _common_arguments(parser, folder, spec.epochs)
+    parser.set_defaults(supervised=False)  # label-aware pretraining exists for the queue methods only
     parser.add_argument("--temperature", type=positive_float, default=spec.temperature)
     parser.add_argument("--optimizer", choices=("sgd", "lars"), default=spec.optimizer)
     parser.add_argument("--augment", choices=("grey", "paper"), default=None,
@@ -159,7 +160,7 @@ def pretrain_script(dataset: str, method: str, script_file: str, argv: list[str]
     from mirl.pretrain import pretrain
     folder = Path(script_file).resolve().parent
     args = pretrain_parser(dataset, method, folder).parse_args(argv)
-    default_run = f"{method}_super_{args.fraction}F" if getattr(args, "supervised", False) else method
+    default_run = f"{method}_super_{args.fraction}F" if args.supervised else method
     args.output_dir = args.output_dir or folder / "runs" / default_run
     return guarded(lambda: pretrain(bound_dataset(dataset, args), method, args))
 

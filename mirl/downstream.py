@@ -7,7 +7,6 @@ validation metrics.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,8 @@ from mirl import distributed
 from mirl.augment import RECIPES, BatchAugment
 from mirl.cache import open_cache
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
-from mirl.checkpoints import CHECKPOINT_NAME, CheckpointStore, check_same_run, load_checkpoint, resume_path, \
-    save_checkpoint
-from mirl.engine import RunLog, Trainer, make_loader, predict, prepare_network, prepare_output_dir, resolve_device, \
+from mirl.checkpoints import CHECKPOINT_NAME, check_same_run, load_checkpoint, save_checkpoint
+from mirl.engine import RunLog, Trainer, make_loader, open_run, predict, prepare_network, resolve_device, \
     resolve_precision, seed_everything
 from mirl.errors import CheckpointError, InputError
 from mirl.metrics import bootstrap_interval, evaluate, primary_metric, reported_metrics
@@ -82,10 +80,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     method = METHODS[method_name]
     if args.init_weights is not None and not args.resnet:
         raise InputError("--init-weights goes with --resnet; without it the encoder comes from --pretrained")
-    prepare_output_dir(args.output_dir)
-    store = CheckpointStore(args.output_dir, args.keep, publish=False)
-    resume_from = resume_path(args.resume, store)
-    resumed = load_checkpoint(resume_from) if resume_from is not None else None
+    store, resume_from, resumed = open_run(args.output_dir, args.keep, publish=False, resume=args.resume)
     encoder, source = None, None
     if args.resnet:
         args.arch = args.arch or "resnet50"
@@ -199,8 +194,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         best.update(resumed["best"])
-        trainer.restore(resumed)
-        print(f"resuming from {resume_from} (epoch {trainer.epoch}, batch {trainer.batch})", file=sys.stderr)
+        trainer.restore(resumed, resume_from)
     trainer.fit(args.epochs, log, end_of_epoch, train_mode)
     model.load_state_dict(best["state"])
     if args.frozen:

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from mirl.augment import normalize
 from mirl.datasets import ImageDataset
-from mirl.checkpoints import CheckpointStore, random_state, restore_random_state
+from mirl.checkpoints import CheckpointStore, load_checkpoint, random_state, resume_path, restore_random_state
 from mirl.distributed import any_rank, gather_objects, is_main_process, local_rank, rank, world_size
 from mirl.errors import DataError, InputError
 from mirl.models import ENCODER_CLASSES
@@ -81,6 +82,16 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def open_run(output_dir: Path, keep: int, publish: bool,
+             resume: str | None) -> tuple[CheckpointStore, Path | None, dict | None]:
+    """Before any heavy work: the output dir proven writable, its store of training states, and the
+    state `--resume` asks to continue from (its path and contents; None for a fresh run)."""
+    prepare_output_dir(output_dir)
+    store = CheckpointStore(output_dir, keep, publish)
+    resume_from = resume_path(resume, store)
+    return store, resume_from, load_checkpoint(resume_from) if resume_from is not None else None
 
 
 def prepare_output_dir(path: Path) -> None:
@@ -269,8 +280,9 @@ class Trainer:
             "loader_generator": self.loader.generator.get_state(),
         }
 
-    def restore(self, state: dict) -> None:
-        """Continue from a state written by `state()` (the caller has loaded its weights)."""
+    def restore(self, state: dict, source: Path) -> None:
+        """Continue from a state written by `state()` and read from `source` (the caller has loaded its
+        weights)."""
         step = self.step
         step.optimizer.load_state_dict(state["optimizer"])
         if step.scheduler is not None:
@@ -281,6 +293,7 @@ class Trainer:
         self._write_skipped()  # forget rows a killed predecessor wrote after this state
         self.loader.generator.set_state(state["loader_generator"])
         restore_random_state(state["random"][rank()])
+        print(f"resuming from {source} (epoch {self.epoch}, batch {self.batch})", file=sys.stderr)
 
     def save(self) -> Path:
         return self.store.save(self.state(), self.epoch, self.batch)

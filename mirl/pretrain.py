@@ -10,7 +10,6 @@ import sys
 from dataclasses import dataclass, replace
 
 import numpy as np
-
 import torch
 import torch.nn as nn
 
@@ -18,9 +17,9 @@ from mirl import distributed
 from mirl.augment import BatchAugment, recipe_for
 from mirl.cache import open_cache
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
-from mirl.checkpoints import CheckpointStore, check_same_run, load_checkpoint, resume_path
-from mirl.engine import RunLog, Trainer, make_loader, prepare_network, prepare_output_dir, resolve_device, \
-    resolve_precision, seed_everything
+from mirl.checkpoints import check_same_run
+from mirl.engine import RunLog, Trainer, make_loader, open_run, prepare_network, resolve_device, resolve_precision, \
+    seed_everything
 from mirl.errors import InputError
 from mirl.models import MoCo, SimCLR
 from mirl.monitor import KnnMonitor, sample_records
@@ -65,7 +64,7 @@ def pretraining_records(description: DatasetDescription,
     if not records:
         raise InputError(f"no images found under {args.data_root}; {description.data_hint}")
     monitor_sets = None
-    if labelled is None and getattr(args, "supervised", False):
+    if labelled is None and args.supervised:
         raise InputError(f"--supervised needs labelled data, but {args.data_root} has no labels; "
                          f"{description.data_hint}")
     if labelled is not None:
@@ -75,7 +74,7 @@ def pretraining_records(description: DatasetDescription,
         test = set(splits["test"])
         test_patients = {r.group for r in labelled if r.image_id in test and r.group is not None}
         records = [r for r in records if r.image_id not in test and r.group not in test_patients]
-        if getattr(args, "supervised", False):
+        if args.supervised:
             records = label_aware_records(records, usable_labels(labelled, records, splits, args.fraction),
                                           len(description.classes))
     if len(records) < args.batch_size:
@@ -117,11 +116,11 @@ def label_aware_records(records: list[ImageRecord], usable: dict[str, np.ndarray
     return [replace(r, labels=label_vector(r)) for r in records]
 
 
-def build_model(method: MethodSpec, args: argparse.Namespace, num_classes: int) -> nn.Module:
+def build_model(method: MethodSpec, args: argparse.Namespace, queue_label_dim: int) -> nn.Module:
+    """The method's network; a MoCo queue with `queue_label_dim` > 0 keeps its keys' labels."""
     if method.queue:
         return MoCo(args.arch, head=method.head, queue_size=args.queue_size, momentum=args.moco_momentum,
-                    temperature=args.temperature, bn_splits=args.bn_splits,
-                    label_dim=num_classes + 1 if getattr(args, "supervised", False) else 0)
+                    temperature=args.temperature, bn_splits=args.bn_splits, label_dim=queue_label_dim)
     return SimCLR(args.arch, temperature=args.temperature)
 
 
@@ -138,17 +137,14 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     """Pretrain an encoder. `checkpoint.pth` is always the newest training state; its `encoder` loads
     into the plain torchvision model. `--resume` continues a run exactly where a state left it."""
     method = METHODS[method_name]
-    prepare_output_dir(args.output_dir)
-    store = CheckpointStore(args.output_dir, args.keep, publish=True)
-    resume_from = resume_path(args.resume, store)
-    resumed = load_checkpoint(resume_from) if resume_from is not None else None
+    store, resume_from, resumed = open_run(args.output_dir, args.keep, publish=True, resume=args.resume)
     if resumed is not None and args.arch is None:
         args.arch = resumed.get("arch")
     args.arch = args.arch or "resnet50"
     identity = {"method": method.name, "dataset": description.name, "arch": args.arch,
                 "batch_size": args.batch_size, "image_size": args.image_size, "world_size": distributed.world_size(),
                 "queue_size": getattr(args, "queue_size", None),
-                "supervised_fraction": args.fraction if getattr(args, "supervised", False) else None}
+                "supervised_fraction": args.fraction if args.supervised else None}
     if resumed is not None:
         check_same_run(resumed, identity, resume_from)
     device = resolve_device(args.device)
@@ -157,17 +153,17 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
 
     distributed.init_from_environment(device)
     seed_everything(args.seed, args.deterministic)
-    supervised = getattr(args, "supervised", False)
-    label_dim = len(description.classes) + 1 if supervised else len(description.classes)
-    model = prepare_network(build_model(method, args, len(description.classes)), device, args.channels_last,
-                            args.compile)
+    supervised = args.supervised
+    # label-aware MoCo: the label vectors gain a "no finding" class, and the queue keeps them
+    queue_label_dim = len(description.classes) + 1 if supervised else 0
+    model = prepare_network(build_model(method, args, queue_label_dim), device, args.channels_last, args.compile)
     core = model
     if resumed is not None:
         core.load_state_dict(resumed["model"])
     if distributed.is_distributed():
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers) if args.cache else None
-    dataset = ImageDataset(records, args.image_size, label_dim, cache)
+    dataset = ImageDataset(records, args.image_size, queue_label_dim or len(description.classes), cache)
     loader = make_loader(dataset, args.batch_size, args.workers, shuffle=True, drop_last=True, seed=args.seed)
     optimizer = build_optimizer(model, method, args)
     total_steps = args.epochs * len(loader)
@@ -209,7 +205,6 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
 
     trainer = Trainer(step_loss, loader, optimizer, scheduler, device, precision, store, args.save_every, snapshot)
     if resumed is not None:
-        trainer.restore(resumed)
-        print(f"resuming from {resume_from} (epoch {trainer.epoch}, batch {trainer.batch})", file=sys.stderr)
+        trainer.restore(resumed, resume_from)
     trainer.fit(args.epochs, log, end_of_epoch, train_mode=model.train)
     log.close()
