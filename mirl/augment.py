@@ -19,6 +19,17 @@ import torch.nn.functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 REFERENCE_SIZE = 224  # blur sigmas in the papers are in pixels of a 224-pixel image
+# Images reach the augmentation at SOURCE_SCALE x the network's input side, so a crop is cut from the
+# source resolution, as torchvision's RandomResizedCrop cuts it from the original: a 0.2-area crop for a
+# 224-pixel input is backed by 200 source pixels, not by 100 pixels upsampled from an already shrunk image.
+SOURCE_SCALE = 2
+# evaluation sees the centre of the image, as MoCo's Resize(256) + CenterCrop(224)
+CENTRE_CROP = 224 / 256
+
+
+def source_side(image_size: int) -> int:
+    """The side of the square images the loaders deliver for a network input of `image_size`."""
+    return SOURCE_SCALE * image_size
 
 
 @dataclass(frozen=True)
@@ -49,8 +60,10 @@ RECIPES: dict[str, AugmentRecipe] = {
     # Chen et al. 2020, SimCLR (colour strength s = 1)
     "simclr": AugmentRecipe(crop_scale=(0.08, 1.0), jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8,
                             hue=0.2, grayscale_p=0.2, blur_p=0.5),
-    # fine-tuning: mild crop and flip only
+    # fine-tuning and the supervised baseline: mild crop and flip only
     "finetune": AugmentRecipe(crop_scale=(0.7, 1.0), flip_p=0.5),
+    # MoCo's linear protocol (main_lincls): RandomResizedCrop with torchvision's default scale, and flip
+    "linear": AugmentRecipe(crop_scale=(0.08, 1.0), flip_p=0.5),
 }
 
 
@@ -58,7 +71,7 @@ def recipe_for(method: str, style: str) -> AugmentRecipe:
     """The paper recipe of `method`, or (style "grey") its grey-scale form: window-like brightness and
     contrast and a small rotation in place of colour jitter and grayscale."""
     paper = RECIPES[method]
-    if style == "paper" or method == "finetune":
+    if style == "paper" or method in ("finetune", "linear"):
         return paper
     return replace(paper, saturation=0.0, hue=0.0, grayscale_p=0.0, rotation_degrees=10.0,
                    brightness=min(paper.brightness, 0.4), contrast=min(paper.contrast, 0.4))
@@ -106,13 +119,7 @@ class BatchAugment(torch.nn.Module):
         centre_y = (torch.rand(n, device=device) * 2 - 1) * (1 - height)
         flip = torch.where(self._chance(n, r.flip_p, device), -1.0, 1.0)
         angle = self._uniform(n, -r.rotation_degrees, r.rotation_degrees, device) * (math.pi / 180)
-        cos, sin = angle.cos(), angle.sin()
-        theta = torch.stack([
-            torch.stack([width * cos * flip, -width * sin, centre_x], dim=1),
-            torch.stack([height * sin * flip, height * cos, centre_y], dim=1),
-        ], dim=1)
-        grid = F.affine_grid(theta, [n, x.shape[1], self.output_size, self.output_size], align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return affine_crop(x, width, height, centre_x, centre_y, self.output_size, flip, angle)
 
     def _jitter(self, x: torch.Tensor) -> torch.Tensor:
         """Brightness, contrast, saturation and hue, each with its own factor per image."""
@@ -159,6 +166,53 @@ class BatchAugment(torch.nn.Module):
                         groups=n * c)
         apply = self._chance(n, r.blur_p, x.device).view(n, 1, 1, 1)
         return torch.where(apply, flat.view(n, c, h, w), x)
+
+
+def affine_crop(x: torch.Tensor, width: torch.Tensor, height: torch.Tensor, centre_x: torch.Tensor,
+                centre_y: torch.Tensor, output_size: int, flip: torch.Tensor | None = None,
+                angle: torch.Tensor | None = None) -> torch.Tensor:
+    """Per image, the box of `width` x `height` (fractions of the side) centred at (`centre_x`, `centre_y`)
+    (in [-1, 1]), flipped by `flip` (-1 or 1) and rotated by `angle` (radians), resampled to
+    `output_size` pixels.
+
+    A box larger than the output is shrunk with antialiasing, as torchvision resizes: each output pixel
+    is the mean of 2 x 2 bilinear samples spread over the source pixels it covers (up to the 2x
+    reduction SOURCE_SCALE asks for). A box no larger than the output is plainly bilinear: its samples
+    coincide. Plain bilinear sampling of a shrinking box would alias.
+    """
+    n, channels, side = x.shape[0], x.shape[1], x.shape[-1]
+    flip = torch.ones_like(width) if flip is None else flip
+    angle = torch.zeros_like(width) if angle is None else angle
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([
+        torch.stack([width * cos * flip, -width * sin, centre_x], dim=1),
+        torch.stack([height * sin * flip, height * cos, centre_y], dim=1),
+    ], dim=1)
+    grid = F.affine_grid(theta, [n, channels, output_size, output_size], align_corners=False)
+    if side <= output_size:
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # one output pixel's step in source coordinates along the output's x and y, scaled by how much the
+    # box shrinks on that axis beyond 1:1 (0 when it does not, 1 at a 2x reduction)
+    shrink_x = (width * side / output_size).clamp(1, 2) - 1
+    shrink_y = (height * side / output_size).clamp(1, 2) - 1
+    step_x = theta[:, :, 0] * (2 / output_size) * shrink_x[:, None]
+    step_y = theta[:, :, 1] * (2 / output_size) * shrink_y[:, None]
+    total = torch.zeros(n, channels, output_size, output_size, device=x.device, dtype=x.dtype)
+    for a in (-0.25, 0.25):
+        for b in (-0.25, 0.25):
+            offset = (a * step_x + b * step_y)[:, None, None, :]
+            total += F.grid_sample(x, grid + offset, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return total / 4
+
+
+def evaluation_view(images: torch.Tensor, output_size: int) -> torch.Tensor:
+    """The deterministic test-time view of a uint8 batch: its centre (MoCo's Resize(256) + CenterCrop(224)),
+    resized to `output_size` and normalised."""
+    n = images.shape[0]
+    side = torch.full((n,), CENTRE_CROP, device=images.device)
+    centre = torch.zeros(n, device=images.device)
+    x = affine_crop(images.float().div_(255.0), side, side, centre, centre, output_size)
+    return normalize(x.clamp_(0.0, 1.0))
 
 
 def luminance(x: torch.Tensor) -> torch.Tensor:

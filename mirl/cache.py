@@ -1,7 +1,8 @@
 """The decoded-image cache: every slice decoded once (HU, windows, resize) into a memory-mapped uint8 array.
 
 Decoding a DICOM costs about a millisecond and a JPEG more; at GPU rates no CPU can do it every epoch.
-The cache holds one C x S x S uint8 image per source image of a dataset, in a `.npy` file that training
+The cache holds one C x S x S uint8 image per source image of a dataset (S = 2 x the input size, so
+crops come from source resolution), in a `.npy` file that training
 reads through a memory map, so later epochs and later runs read at memory speed and a process's memory
 does not grow with the dataset (the operating system's page cache holds what is hot).
 
@@ -28,11 +29,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mirl import distributed
+from mirl.augment import source_side
 from mirl.datasets import DATASETS, DatasetDescription, ImageDataset, ImageRecord
 from mirl.errors import InputError
 
 # Bump when decoding changes (windows, normalisation, resizing): old caches then stop matching.
-CACHE_FORMAT = 1
+# Format 2: images kept at source_side(image_size), the shorter side resized and the longer centre-cropped.
+CACHE_FORMAT = 2
 IMAGES_FILE, READABLE_FILE, INDEX_FILE = "images.npy", "readable.npy", "index.json"
 
 
@@ -51,7 +54,7 @@ def dataset_images(description: DatasetDescription, root: Path) -> list[ImageRec
 
 def cache_key(description: DatasetDescription, records: list[ImageRecord], image_size: int) -> str:
     digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "dataset": description.name,
-                                        "image_size": image_size}).encode())
+                                        "image_size": image_size, "source_side": source_side(image_size)}).encode())
     for record in records:
         stat = record.path.stat()
         digest.update(f"{source_key(record)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
@@ -95,7 +98,7 @@ def build_cache(records: list[ImageRecord], image_size: int, folder: Path, worke
     partial.mkdir(parents=True)
     try:
         images = np.lib.format.open_memmap(partial / IMAGES_FILE, mode="w+", dtype=np.uint8,
-                                           shape=(len(records), 3, image_size, image_size))
+                                           shape=(len(records), 3, source_side(image_size), source_side(image_size)))
         readable = np.zeros(len(records), dtype=bool)
         unlabelled = [replace(r, labels=None) for r in records]  # pixels only: labels live in the readers
         loader = DataLoader(ImageDataset(unlabelled, image_size, num_classes=0), batch_size=64, num_workers=workers)

@@ -62,7 +62,8 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epo
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast dtype; auto is bf16 where the device runs it fast")
-    parser.add_argument("--lr", type=positive_float, default=None, help="base learning rate (method default)")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help="learning rate (default: the method's; a linear probe chooses it on validation from a grid)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic kernels only: the same seed gives the same weights, and a resumed run "
@@ -84,6 +85,9 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epo
     parser.add_argument("--labels", type=Path, default=None,
                         help="your own labels: a CSV with an image column and one 0/1 column per class, images "
                              "(PNG/JPEG/DICOM) found by name under --data-root")
+    parser.add_argument("--group-column", default=None, metavar="NAME",
+                        help="with --labels: the CSV column naming each image's patient, so one patient's images "
+                             "stay on one side of every split (default: each image its own patient)")
 
 
 def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.ArgumentParser:
@@ -101,7 +105,9 @@ def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.Argumen
     parser.add_argument("--knn-images", type=int, default=2000,
                         help="labelled train images in the kNN monitor's bank (half as many val queries); 0: off")
     if spec.queue:
-        parser.add_argument("--queue-size", type=positive_int, default=65536, help="MoCo's K negatives")
+        parser.add_argument("--queue-size", type=positive_int, default=None,
+                            help="MoCo's K negatives (default: the largest power of two <= images / 4, at most "
+                                 "65536; must be smaller than the number of images)")
         parser.add_argument("--moco-momentum", type=float, default=0.999, help="key encoder momentum m")
         parser.add_argument("--bn-splits", type=positive_int, default=8,
                             help="BatchNorm groups standing in for shuffle-BN on one device")
@@ -127,6 +133,9 @@ def downstream_parser(dataset: str, method: str, folder: Path) -> argparse.Argum
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--frozen", action="store_true", help="train only a linear head on the frozen encoder")
     mode.add_argument("--resnet", action="store_true", help="supervised baseline without self-supervised pretraining")
+    parser.add_argument("--encoder-lr-scale", type=positive_float, default=None,
+                        help="fine-tuning: the encoder's learning rate as a multiple of the head's (default 0.1 for "
+                             "a pretrained encoder, 1 for --resnet)")
     parser.add_argument("--init-weights", type=Path, default=None,
                         help="with --resnet: a local torchvision state dict to start from (never downloaded)")
     return parser
@@ -135,14 +144,26 @@ def downstream_parser(dataset: str, method: str, folder: Path) -> argparse.Argum
 def bound_dataset(dataset: str, args: argparse.Namespace) -> DatasetDescription:
     """The script's dataset, or the user's own labelled data when `--labels` is given."""
     if args.labels is None:
+        if args.group_column is not None:
+            raise InputError("--group-column names a column of your --labels CSV; pass --labels too")
         return DATASETS[dataset]
-    return with_label_csv(DATASETS[dataset], args.labels, args.data_root)
+    return with_label_csv(DATASETS[dataset], args.labels, args.data_root, args.group_column)
+
+
+class StudyStopped(Exception):
+    """A run inside a study failed; it has said why, and its exit status is the study's."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 def guarded(run: Callable[[], None]) -> int:
     """Run a script body; input errors become `error: ...` on stderr and exit code 2."""
     try:
         run()
+    except StudyStopped as stopped:
+        return stopped.status
     except InputError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, even if a file's text had breaks
         return 2

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from mirl.augment import source_side
 from mirl.errors import DataError, UnreadableImageError
 from mirl.imaging import DICOM_SUFFIXES, NIFTI_SUFFIXES, PHOTO_SUFFIXES, dicom_patient_group, image_suffix, \
     nifti_slice_count, read_dicom_image, read_nifti_slice, read_photo
@@ -167,9 +168,11 @@ def _shown(value: object) -> str:
     return "empty" if pd.isna(value) else repr(str(value))
 
 
-def read_label_csv(csv_path: Path, root: Path,
-                   groups: dict[str, str] | None = None) -> tuple[list[ImageRecord], tuple[str, ...], bool]:
-    """An ISIC-shaped CSV: an image column, then one 0/1 column per class (1.0/0.0 accepted).
+def read_label_csv(csv_path: Path, root: Path, groups: dict[str, str] | None = None,
+                   group_column: str | None = None) -> tuple[list[ImageRecord], tuple[str, ...], bool]:
+    """An ISIC-shaped CSV: an image column, then one 0/1 column per class (1.0/0.0 accepted), and with
+    `group_column` one more column naming each image's patient (or lesion, or study), which keeps a
+    patient's images on one side of every split.
 
     Returns the records, the class names in column order, and whether the labels are multi-label
     (some row with several ones). Images are looked up by name under `root`. An image listed twice
@@ -177,6 +180,19 @@ def read_label_csv(csv_path: Path, root: Path,
     """
     # without a header, pandas neither renames repeated column names nor guesses an index column
     raw = _read_csv(csv_path, "an image column and one 0/1 column per class", header=None, dtype=str)
+    if group_column is not None:
+        header = list(raw.iloc[0])
+        if group_column not in header[1:]:
+            raise DataError(f"{csv_path} row 1: no column {group_column} (--group-column); the columns are "
+                            f"{','.join(map(str, header))}")
+        position = header.index(group_column)
+        group_cells = raw.iloc[1:, position]
+        raw = raw.drop(columns=raw.columns[position])
+        blank = raw.iloc[1:].isna().all(axis=1)
+        missing = group_cells.isna() & ~blank
+        if missing.any():
+            raise DataError(f"{csv_path} row {missing.idxmax() + 1}: column {group_column} is empty")
+        groups = dict(zip(raw.iloc[1:, 0][~blank], group_cells[~blank]))
     header = list(raw.iloc[0])
     if len(header) < 3:
         raise DataError(f"{csv_path} row 1: needs an image column and at least two class columns, found "
@@ -403,12 +419,14 @@ ISIC = DatasetDescription(
 )
 
 
-def with_label_csv(description: DatasetDescription, csv_path: Path, root: Path) -> DatasetDescription:
-    """The user's own labelled data under `root`: classes and multi-label-ness read from an ISIC-shaped CSV."""
+def with_label_csv(description: DatasetDescription, csv_path: Path, root: Path,
+                   group_column: str | None = None) -> DatasetDescription:
+    """The user's own labelled data under `root`: classes and multi-label-ness read from an ISIC-shaped CSV,
+    patients from its `group_column` when given."""
     if not csv_path.is_file():
         raise DataError(f"label CSV {csv_path} does not exist")
     description.check_root(root)
-    records, classes, multilabel = read_label_csv(csv_path, root)
+    records, classes, multilabel = read_label_csv(csv_path, root, group_column=group_column)
     return replace(description, name=f"{description.name}:{csv_path.name}", classes=classes, multilabel=multilabel,
                    find_labelled=lambda _: records, has_labels=lambda _: True)
 
@@ -524,16 +542,19 @@ DATASETS: dict[str, DatasetDescription] = {"rsna": RSNA, "isic": ISIC, "acdc": A
 # ---------------------------------------------------------------- reading pixels
 
 class ImageDataset(Dataset):
-    """Decodes records into C x S x S uint8 tensors; an unreadable file yields `ok=False`, not an error.
+    """Decodes records into C x S x S uint8 tensors, S = `source_side(image_size)`; an unreadable file
+    yields `ok=False`, not an error.
 
-    With a decoded-image `cache` (mirl.cache), images are read from its memory map instead of decoded.
-    Augmentation is not done here: the training loop augments whole batches on the device.
+    Images are delivered at twice the network's input side, so the device-side augmentation crops
+    them at source resolution (the evaluation view takes their centre). With a decoded-image `cache`
+    (mirl.cache), images are read from its memory map instead of decoded.
     """
 
     def __init__(self, records: list[ImageRecord], image_size: int, num_classes: int,
                  cache: DecodedImageCache | None = None) -> None:
         self.records = records
         self.image_size = image_size
+        self.side = source_side(image_size)
         self.num_classes = num_classes
         self.cache = cache
         # cache rows as one array, not per-record objects, so workers share it copy-on-write
@@ -552,8 +573,8 @@ class ImageDataset(Dataset):
         try:
             array = decode_record(record)
         except Exception:  # whatever a file does to its reader, one bad file never stops a run
-            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), labels, False
-        return resize_uint8(array, self.image_size), labels, True
+            return torch.zeros(3, self.side, self.side, dtype=torch.uint8), labels, False
+        return square_uint8(array, self.side), labels, True
 
     def why_unreadable(self, index: int) -> str:
         """The reader's reason for an image that came out unreadable (decoded again: bad files are rare)."""
@@ -564,11 +585,16 @@ class ImageDataset(Dataset):
         return "unreadable in the decoded-image cache"
 
 
-def resize_uint8(array: np.ndarray, size: int) -> torch.Tensor:
-    """H x W x C uint8 array to a C x size x size uint8 tensor (antialiased bilinear)."""
+def square_uint8(array: np.ndarray, side: int) -> torch.Tensor:
+    """H x W x C uint8 array to a C x side x side uint8 tensor: the shorter side resized to `side`
+    (antialiased bilinear), the longer one cropped to its centre. The aspect ratio is kept: a 4:3
+    photograph is not squashed."""
     image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
-    if image.shape[1:] == (size, size):
+    height, width = image.shape[1:]
+    if (height, width) == (side, side):
         return image.contiguous()
-    resized = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True,
-                            align_corners=False)[0]
-    return resized.round_().clamp_(0, 255).to(torch.uint8)
+    scale = side / min(height, width)
+    size = (max(side, int(height * scale)), max(side, int(width * scale)))  # truncated, as torchvision's Resize
+    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (size[0] - side) // 2, (size[1] - side) // 2
+    return resized[:, top:top + side, left:left + side].round_().clamp_(0, 255).to(torch.uint8).contiguous()

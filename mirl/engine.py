@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from mirl.augment import normalize
+from mirl.augment import evaluation_view
 from mirl.datasets import ImageDataset
 from mirl.checkpoints import CheckpointStore, load_checkpoint, random_state, resume_path, restore_random_state
 from mirl.distributed import any_rank, gather_objects, is_main_process, local_rank, rank, world_size
@@ -120,7 +120,7 @@ class EpochSampler(Sampler[int]):
         self.indices = self.order(0)
 
     def order(self, epoch: int) -> list[int]:
-        permutation = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        permutation = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
         world, this_rank = world_size(), rank()
         if world > 1:
             share = self.size // world if self.drop_last else -(-self.size // world)
@@ -136,6 +136,12 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A generator seed for (seed, epoch), hashed so runs of different seeds share no epoch order (seed + epoch
+    would give seed 1's epoch 0 the order of seed 0's epoch 1, and multi-seed studies would understate variance)."""
+    return int(np.random.SeedSequence([seed % (1 << 64), epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def _ignore_interrupts(worker_id: int) -> None:
@@ -376,8 +382,9 @@ def _csv_field(value: str) -> str:
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device, precision: torch.dtype | None,
             multilabel: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Labels and predicted probabilities (sigmoid or softmax) of every readable image in an unshuffled
-    `loader`, and the dataset positions they belong to (unreadable images are left out)."""
+    """Labels and predicted probabilities (sigmoid or softmax over the last axis of the model's output) of
+    every readable image in an unshuffled `loader`, seen through `evaluation_view`, and the dataset
+    positions they belong to (unreadable images are left out)."""
     model.eval()
     autocast = torch.autocast(device.type, dtype=precision) if precision else nullcontext()
     truths, probabilities, kept = [], [], []
@@ -388,8 +395,8 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, precisio
         if not ok.any():
             continue
         with autocast:
-            logits = model(normalize(images[ok].to(device))).float()
-        probabilities.append((logits.sigmoid() if multilabel else logits.softmax(dim=1)).cpu().numpy())
+            logits = model(evaluation_view(images[ok].to(device), loader.dataset.image_size)).float()
+        probabilities.append((logits.sigmoid() if multilabel else logits.softmax(dim=-1)).cpu().numpy())
         truths.append(labels[ok].numpy())
     if not truths:
         raise InputError("no image of the evaluation split could be read")

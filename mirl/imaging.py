@@ -20,7 +20,7 @@ skipped image. How each kind of file is decoded:
 - CT without RescaleSlope/RescaleIntercept uses slope 1 and intercept 0; enhanced multi-frame CT
   keeps them in its functional groups, where they are looked up. Window tags are never read: CT is
   shown through the fixed `HEMORRHAGE_WINDOWS`.
-- Any size of at least two pixels decodes (non-square, odd or 1 x N); `resize_uint8` resizes later.
+- Any size of at least two pixels decodes (non-square, odd or 1 x N); `square_uint8` resizes later.
 
 Refused: files that are not DICOM or lack the DICOM preamble, files or pixel data cut short, files
 without pixel data or Transfer Syntax UID, pixel data no plugin decodes (corrupt streams, or an

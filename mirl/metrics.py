@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 from scipy.stats import rankdata
 
-PROBABILITY_FLOOR = 1e-7
+PROBABILITY_FLOOR = 1e-15  # Kaggle's clip for the RSNA competition's log loss
 
 
 def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float | None:
@@ -29,7 +29,8 @@ def weighted_log_loss(y_true: np.ndarray, probability: np.ndarray, weights: np.n
     With RSNA's weights (2 for `any`, 1 per subtype) this is the Kaggle competition metric,
     normalised by 7, not by the 6 classes a plain weighted BCE mean would divide by.
     """
-    p = np.clip(probability, PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
+    # float64: in float32, 1 - 1e-15 rounds to 1 and a confident wrong answer would cost log(0)
+    p = np.clip(np.asarray(probability, dtype=np.float64), PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
     per_class = -(y_true * np.log(p) + (1 - y_true) * np.log(1 - p))
     return float(((per_class * weights).sum(axis=1) / weights.sum()).mean())
 
@@ -103,7 +104,7 @@ def primary_metric(multilabel: bool) -> str:
 
 def reported_metrics(multilabel: bool) -> tuple[str, ...]:
     """The headline metrics of a dataset's results tables."""
-    return ("auc_macro",) if multilabel else ("accuracy", "balanced_accuracy")
+    return ("auc_macro",) if multilabel else ("balanced_accuracy", "auc_macro", "accuracy")
 
 
 def bootstrap_interval(y_true: np.ndarray, probability: np.ndarray, patients: list[str],

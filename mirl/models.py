@@ -31,10 +31,23 @@ class Architecture:
         """How the classifier's parameter names start in a state dict."""
         return f"{self.classifier}."
 
-    def output_layer(self, model: nn.Module) -> nn.Linear:
-        """The classifier's linear layer (the last one of a Sequential)."""
+    def output_layer(self, model: nn.Module) -> nn.Module:
+        """The classifier's output layer (the last one of a Sequential)."""
         layer = getattr(model, self.classifier)
         return layer[-1] if isinstance(layer, nn.Sequential) else layer
+
+    def output_prefix(self, model: nn.Module) -> str:
+        """How the output layer's parameter names start in the model's state dict."""
+        layer = getattr(model, self.classifier)
+        return f"{self.classifier}.{len(layer) - 1}." if isinstance(layer, nn.Sequential) else self.classifier_prefix
+
+    def replace_output_layer(self, model: nn.Module, layer: nn.Module) -> None:
+        """Put `layer` where the classifier's output layer is."""
+        current = getattr(model, self.classifier)
+        if isinstance(current, nn.Sequential):
+            current[-1] = layer
+        else:
+            setattr(model, self.classifier, layer)
 
 
 ENCODERS: dict[str, Architecture] = {
@@ -63,6 +76,9 @@ def build_encoder(arch: str, norm_layer: Callable[[int], nn.Module] | None = Non
     setattr(model, architecture.classifier, nn.Identity())
     return model, feature_dim
 
+
+# layers whose output is random in train mode; only BatchNorm's train mode is wanted in MoCo's key encoder
+STOCHASTIC_LAYERS = (nn.Dropout, nn.Dropout2d, torchvision.ops.StochasticDepth)
 
 MIN_VALUES_PER_GROUP = 16
 
@@ -219,6 +235,15 @@ class MoCo(nn.Module):
             target.data.copy_(online.data)
             target.requires_grad = False
 
+    def train(self, mode: bool = True) -> "MoCo":
+        """Train mode for both encoders' BatchNorm, but never random layers in the key encoder (EfficientNet's
+        stochastic depth): a key must be a function of the key encoder's weights and its view alone."""
+        super().train(mode)
+        for module in self.encoder_k.modules():
+            if isinstance(module, STOCHASTIC_LAYERS):
+                module.eval()
+        return self
+
     def _online_params(self) -> list[nn.Parameter]:
         return list(self.encoder_q.parameters()) + list(self.head_q.parameters())
 
@@ -286,8 +311,9 @@ class SimCLR(nn.Module):
         self.head = convert_to_cross_rank_batchnorm(projection_head("mlp_bn", feature_dim, dim))
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z1 = gather_with_grad(self.head(self.encoder(x1)))
-        z2 = gather_with_grad(self.head(self.encoder(x2)))
+        # both views in one pass: BatchNorm normalises over all 2N views, as in the paper
+        z = self.head(self.encoder(torch.cat([x1, x2])))
+        z1, z2 = (gather_with_grad(half) for half in z.split(x1.shape[0]))
         loss = nt_xent(z1, z2, self.temperature)
         return loss, z1
 

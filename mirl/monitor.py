@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mirl.augment import normalize
+from mirl.augment import evaluation_view
 from mirl.cache import DecodedImageCache
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
 from mirl.engine import make_loader
@@ -36,7 +36,7 @@ def extract_features(encoder: nn.Module, records: list[ImageRecord], num_classes
         if not ok.any():
             continue
         with autocast:
-            output = encoder(normalize(images[ok].to(device))).float()
+            output = encoder(evaluation_view(images[ok].to(device), image_size)).float()
         features.append(F.normalize(output, dim=1).cpu().numpy())
         labels.append(batch_labels[ok].numpy())
     encoder.train(was_training)

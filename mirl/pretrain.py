@@ -6,7 +6,6 @@ the downstream evaluation stays honest; a plain folder of images is used whole.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -80,11 +79,29 @@ def pretraining_records(description: DatasetDescription,
     if len(records) < args.batch_size:
         raise InputError(f"--batch-size {args.batch_size} is larger than the {len(records)} pretraining images; "
                          "lower it")
-    if getattr(args, "queue_size", 0) >= len(records):
-        print(f"warning: --queue-size {args.queue_size} is not smaller than the {len(records)} images: the queue "
-              "will hold older keys of each query's own image as negatives; a smaller queue learns better",
-              file=sys.stderr)
     return records, monitor_sets
+
+
+MAX_QUEUE = 65536  # the paper's K
+
+
+def default_queue_size(images: int) -> int:
+    """MoCo's K for a dataset of `images`: the largest power of two <= images / 4, at most the paper's 65536.
+
+    A queue as large as the data holds older keys of each query's own image as negatives; a quarter of the
+    data keeps the queue's keys at most a quarter of an epoch old and never the query's own image."""
+    return min(MAX_QUEUE, 1 << max(0, (images // 4).bit_length() - 1))
+
+
+def checked_queue_size(requested: int | None, images: int) -> int:
+    """The queue size a run uses: `requested`, refused when it is not smaller than the data, else the default."""
+    if requested is None:
+        return default_queue_size(images)
+    if requested >= images:
+        raise InputError(f"--queue-size {requested} is not smaller than the {images} pretraining images: the queue "
+                         f"would hold each query's own image as a negative; leave it out (default "
+                         f"{default_queue_size(images)} for this data) or choose a smaller one")
+    return requested
 
 
 def usable_labels(labelled: list[ImageRecord], records: list[ImageRecord], splits: dict[str, list[str]],
@@ -141,15 +158,17 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     if resumed is not None and args.arch is None:
         args.arch = resumed.get("arch")
     args.arch = args.arch or "resnet50"
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    records, monitor_sets = pretraining_records(description, args)
+    if method.queue:
+        args.queue_size = checked_queue_size(args.queue_size, len(records))
     identity = {"method": method.name, "dataset": description.name, "arch": args.arch,
                 "batch_size": args.batch_size, "image_size": args.image_size, "world_size": distributed.world_size(),
                 "queue_size": getattr(args, "queue_size", None),
                 "supervised_fraction": args.fraction if args.supervised else None}
     if resumed is not None:
         check_same_run(resumed, identity, resume_from)
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    records, monitor_sets = pretraining_records(description, args)
 
     distributed.init_from_environment(device)
     seed_everything(args.seed, args.deterministic)

@@ -9,6 +9,7 @@ checkpoints reused, so a stopped study continues where it stopped.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
@@ -18,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from scipy import stats
 
-from mirl.cli import OneLineParser, downstream_script, positive_int, pretrain_script
-from mirl.datasets import DATASETS
-from mirl.metrics import reported_metrics
+from mirl.cli import OneLineParser, StudyStopped, bound_dataset, downstream_script, guarded, positive_int, \
+    pretrain_script
+from mirl.datasets import DATASETS, DatasetDescription
+from mirl.metrics import primary_metric, reported_metrics
 from mirl.models import ENCODERS
 from mirl.pretrain import METHODS
 from mirl.splits import FRACTIONS
@@ -86,8 +89,7 @@ def plan(methods: list[str], modes: list[str], fractions: list[int], seeds: list
     return runs
 
 
-def metric_names(dataset: str) -> tuple[str, ...]:
-    description = DATASETS[dataset]
+def metric_names(description: DatasetDescription) -> tuple[str, ...]:
     extra = ("patient_accuracy",) if description.patient_vote else ()
     return reported_metrics(description.multilabel) + extra
 
@@ -112,8 +114,15 @@ def result_rows(runs: list[Run], out: Path, dataset: str) -> list[dict]:
     return rows
 
 
+def t_interval(values: np.ndarray) -> tuple[float, float]:
+    """The 95 % confidence interval of the mean of `values` (two or more) by Student's t: with n seeds
+    the half-width is t(0.975, n - 1) sd / sqrt(n), wider than 1.96 sd / sqrt(n) for small n."""
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
 def summarise(rows: list[dict], metric: str) -> dict[tuple[str, int], dict]:
-    """Per (column, fraction): mean and sd over seeds, and the mean bootstrap interval."""
+    """Per (column, fraction): mean, sd and t-interval over seeds, and the mean bootstrap interval."""
     cells: dict[tuple[str, int], dict] = {}
     for key in {(r["column"], r["fraction"]) for r in rows}:
         mine = [r for r in rows if (r["column"], r["fraction"]) == key and r.get(f"test_{metric}") is not None]
@@ -124,16 +133,18 @@ def summarise(rows: list[dict], metric: str) -> dict[tuple[str, int], dict]:
         highs = [r.get(f"test_{metric}_ci_high") for r in mine]
         interval = (float(np.mean(lows)), float(np.mean(highs))) if None not in lows + highs else None
         cells[key] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else None,
-                      "n": len(values), "ci": interval}
+                      "n": len(values), "ci": interval, "seed_ci": t_interval(values) if len(values) > 1 else None}
     return cells
 
 
-def markdown_tables(rows: list[dict], dataset: str, columns: list[str], fractions: list[int]) -> str:
-    """One table per metric: mean ± sd over seeds, or with one seed the value [bootstrap 95 % CI]."""
+def markdown_tables(rows: list[dict], description: DatasetDescription, columns: list[str],
+                    fractions: list[int]) -> str:
+    """One table per metric: with several seeds the mean [t 95 % CI over seeds], with one seed the value
+    [patient-bootstrap 95 % CI]."""
     parts = []
-    for metric in metric_names(dataset):
+    for metric in metric_names(description):
         cells = summarise(rows, metric)
-        lines = [f"### {dataset.upper()}: test {metric.replace('_', ' ')}", "",
+        lines = [f"### {description.name.upper()}: test {metric.replace('_', ' ')}", "",
                  "| labels | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for fraction in fractions:
             entries = []
@@ -141,8 +152,9 @@ def markdown_tables(rows: list[dict], dataset: str, columns: list[str], fraction
                 cell = cells.get((column, fraction))
                 if cell is None:
                     entries.append("n/a")
-                elif cell["sd"] is not None:
-                    entries.append(f"{cell['mean']:.3f} ± {cell['sd']:.3f} (n={cell['n']})")
+                elif cell["seed_ci"] is not None:
+                    low, high = cell["seed_ci"]
+                    entries.append(f"{cell['mean']:.3f} [{low:.3f}, {high:.3f}] (n={cell['n']})")
                 elif cell["ci"] is not None:
                     entries.append(f"{cell['mean']:.3f} [{cell['ci'][0]:.3f}, {cell['ci'][1]:.3f}]")
                 else:
@@ -152,10 +164,11 @@ def markdown_tables(rows: list[dict], dataset: str, columns: list[str], fraction
     return "\n\n".join(parts) + "\n"
 
 
-def plot(rows: list[dict], dataset: str, columns: list[str], fractions: list[int], path: Path) -> None:
-    """Headline metric against label fraction (log x), a line per column, shaded 95 % interval
-    (over seeds when there are several, else the patient bootstrap)."""
-    metric = metric_names(dataset)[0]
+def plot(rows: list[dict], description: DatasetDescription, columns: list[str], fractions: list[int],
+         path: Path) -> None:
+    """The selection metric against label fraction (log x), a line per column, shaded 95 % interval
+    (t over seeds when there are several, else the patient bootstrap)."""
+    metric = primary_metric(description.multilabel)
     cells = summarise(rows, metric)
     figure = Figure(figsize=(7, 4.5))
     axis = figure.add_subplot()
@@ -166,16 +179,15 @@ def plot(rows: list[dict], dataset: str, columns: list[str], fractions: list[int
         x = np.array([f for f, _ in points])
         mean = np.array([c["mean"] for _, c in points])
         axis.plot(x, mean, marker="o", label=column)
-        if all(c["sd"] is not None for _, c in points):
-            half = np.array([1.96 * c["sd"] / np.sqrt(c["n"]) for _, c in points])
-            axis.fill_between(x, mean - half, mean + half, alpha=0.2)
+        if all(c["seed_ci"] is not None for _, c in points):
+            axis.fill_between(x, [c["seed_ci"][0] for _, c in points], [c["seed_ci"][1] for _, c in points], alpha=0.2)
         elif all(c["ci"] is not None for _, c in points):
             axis.fill_between(x, [c["ci"][0] for _, c in points], [c["ci"][1] for _, c in points], alpha=0.2)
     axis.set_xscale("log")
     axis.set_xticks(fractions, [f"{f} %" for f in fractions])
     axis.set_xlabel("labelled training images")
     axis.set_ylabel(f"test {metric.replace('_', ' ')}")
-    axis.set_title(f"{dataset.upper()}: label efficiency")
+    axis.set_title(f"{description.name.upper()}: label efficiency (95 % intervals)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -207,13 +219,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--queue-size", type=positive_int, default=None, help="MoCo queue (default 65536)")
+    parser.add_argument("--queue-size", type=positive_int, default=None, help="MoCo queue (default: the scripts' rule, a power of two <= images / 4)")
     parser.add_argument("--cache", type=Path, default=None, help="decoded-image cache folder shared by all runs")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="your own labels: a CSV with an image column and one 0/1 column per class")
+    parser.add_argument("--group-column", default=None, metavar="NAME",
+                        help="with --labels: the column naming each image's patient (splits keep patients together)")
     args = parser.parse_args(argv)
+    return guarded(lambda: run_study(args))
+
+
+def run_study(args: argparse.Namespace) -> None:
+    """Pretrain, run the grid of downstream runs, and write the tables and the plot; a failing run stops
+    the study with its exit status."""
+    # the labels are read once here, so a bad CSV stops the study with one line before any training
+    description = bound_dataset(args.dataset, args)
     out = args.output_dir
     split_dir = args.split_dir or out / "splits"
     common = ["--data-root", str(args.data_root), "--split-dir", str(split_dir),
               "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--device", args.device]
+    if args.labels is not None:
+        common += ["--labels", str(args.labels)]
+    if args.group_column is not None:
+        common += ["--group-column", args.group_column]
     if args.workers is not None:
         common += ["--workers", str(args.workers)]
     if args.cache is not None:
@@ -235,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             *common, "--arch", variant.arch or args.arch, "--output-dir", str(checkpoint.parent),
             "--epochs", str(wanted), "--seed", str(args.seeds[0]), "--resume", "auto", *extra])
         if status:
-            return status
+            raise StudyStopped(status)
 
     runs = plan(args.methods, args.modes, args.fractions, args.seeds)
     for number, run in enumerate(runs, 1):
@@ -256,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
             *common, *mode, *encoder, *epochs, "--fraction", str(run.fraction), "--seed", str(run.seed),
             "--output-dir", str(run_dir), "--resume", "auto"])
         if status:
-            return status
+            raise StudyStopped(status)
 
-    rows = result_rows(runs, out, args.dataset)
+    rows = result_rows(runs, out, description.name)
     columns = list(dict.fromkeys(r.column for r in runs))
     fractions = sorted(set(args.fractions), reverse=True)
     keys = list(dict.fromkeys(k for row in rows for k in row))
@@ -266,11 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    tables = markdown_tables(rows, args.dataset, columns, fractions)
+    tables = markdown_tables(rows, description, columns, fractions)
     (out / "results.md").write_text(tables)
-    plot(rows, args.dataset, columns, sorted(fractions), out / "label_efficiency.png")
+    plot(rows, description, columns, sorted(fractions), out / "label_efficiency.png")
     print(f"\n{tables}\nwrote {out / 'results.md'}, {out / 'results.csv'} and {out / 'label_efficiency.png'}")
-    return 0
 
 
 if __name__ == "__main__":

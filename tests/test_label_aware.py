@@ -127,11 +127,11 @@ TINY = ["--image-size", "32", "--batch-size", "32", "--workers", "0", "--epochs"
 def test_label_aware_and_efficientnet_pretraining_then_fine_tuning(rsna_root, tmp_path):
     """Both of issue 7's pretrainings end to end on multi-label RSNA, and their checkpoints fine-tune."""
     common = ["--data-root", rsna_root, "--split-dir", tmp_path / "splits", *TINY]
-    runs = [("trainMoCoV2.py", ["--supervised", "--fraction", "10", "--arch", "resnet18", "--queue-size", "32",
+    runs = [("trainMoCoV2.py", ["--supervised", "--fraction", "10", "--arch", "resnet18", "--queue-size", "16",
                                 "--knn-images", "0"], "super"),
             ("MoCov2_downstream.py", ["--fraction", "10", "--pretrained", tmp_path / "super" / "checkpoint.pth"],
              "super_finetune"),
-            ("trainMoCo.py", ["--arch", "efficientnet_b0", "--queue-size", "32", "--knn-images", "0"], "efficient"),
+            ("trainMoCo.py", ["--arch", "efficientnet_b0", "--queue-size", "16", "--knn-images", "0"], "efficient"),
             ("MoCo_downstream.py", ["--frozen", "--pretrained", tmp_path / "efficient" / "checkpoint.pth"],
              "efficient_frozen")]
     for script, flags, name in runs:
@@ -166,7 +166,7 @@ def test_study_runs_the_published_tables_extra_columns(rsna_root, tmp_path):
     out = tmp_path / "study"
     assert study.main(["rsna", "--data-root", str(rsna_root), "--output-dir", str(out), "--fractions", "50",
                        "--methods", "moco_efficient", "mocov2_super", "--modes", "finetune", "--arch", "resnet18",
-                       "--epochs", "1", "--downstream-epochs", "1", "--queue-size", "32", *TINY[:6], "--device", "cpu"]) == 0
+                       "--epochs", "1", "--downstream-epochs", "1", "--queue-size", "16", *TINY[:6], "--device", "cpu"]) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {r["column"] for r in rows} == {"MoCo EfficientNet-B0 finetune", "MoCo v2 super finetune"}
     assert torch.load(out / "pretrain" / "moco_efficient" / "checkpoint.pth", weights_only=True)["arch"] == \

@@ -38,8 +38,8 @@ def test_no_output_of_any_script_contains_patient_tags(tmp_path, capsys):
     out = tmp_path / "out"
     common = ["--data-root", data, "--split-dir", out / "splits", *TINY]
     runs = [
-        ("trainMoCo.py", ["--queue-size", "32", "--cache", out / "cache"]),
-        ("trainMoCoV2.py", ["--queue-size", "32"]),
+        ("trainMoCo.py", ["--queue-size", "16", "--cache", out / "cache"]),
+        ("trainMoCoV2.py", ["--queue-size", "16"]),
         ("trainSimCLR.py", []),
         ("MoCo_downstream.py", ["--frozen", "--pretrained", out / "trainMoCo.py" / "checkpoint.pth"]),
         ("MoCov2_downstream.py", ["--pretrained", out / "trainMoCoV2.py" / "checkpoint.pth"]),

@@ -22,7 +22,7 @@ from mirl.errors import CheckpointError
 # 6 batches of 16 per epoch on the 16-patient sample; a state every 2 steps
 SMALL = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--device", "cpu",
          "--save-every", "2", "--deterministic"]
-PRETRAIN = [*SMALL, "--epochs", "2", "--queue-size", "32", "--knn-images", "0"]
+PRETRAIN = [*SMALL, "--epochs", "2", "--queue-size", "16", "--knn-images", "0"]
 FINETUNE = [*SMALL, "--epochs", "2", "--fraction", "50"]
 
 

@@ -20,8 +20,8 @@ def pretrained(rsna_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
     splits = out / "splits"
     runs = {}
-    for method, script, extra in (("moco", "trainMoCo.py", ["--queue-size", "100"]),
-                                  ("mocov2", "trainMoCoV2.py", ["--queue-size", "100"]),
+    for method, script, extra in (("moco", "trainMoCo.py", ["--queue-size", "16"]),
+                                  ("mocov2", "trainMoCoV2.py", ["--queue-size", "16"]),
                                   ("simclr", "trainSimCLR.py", [])):
         result = run_script(script, "--data-root", rsna_root, "--output-dir", out / method, "--split-dir", splits,
                             *TINY, *extra)
@@ -118,7 +118,7 @@ def test_a_file_that_is_not_dicom_is_skipped_listed_and_the_run_goes_on(rsna_roo
     slices = sorted((root / "stage_2_train").glob("*.dcm"))
     slices[0].write_bytes(b"not a DICOM file")  # neither its patient nor its pixels can be read
     result = run_entry(capsys, "RSNA_MoCo", "trainMoCoV2.py", "--data-root", root, "--output-dir", tmp_path / "run",
-                       "--split-dir", tmp_path / "splits", "--queue-size", "32", "--knn-images", "0", *TINY)
+                       "--split-dir", tmp_path / "splits", "--queue-size", "16", "--knn-images", "0", *TINY)
     assert result.returncode == 0, result.stderr[-2000:]
     with open(tmp_path / "run" / "skipped.csv") as f:
         rows = list(csv.DictReader(f))
@@ -131,7 +131,7 @@ def test_a_dataset_of_only_bad_files_stops_with_one_line(rsna_root, tmp_path, ca
     for path in (root / "stage_2_train").glob("*.dcm"):
         path.write_bytes(b"garbage")
     result = run_entry(capsys, "RSNA_MoCo", "trainMoCoV2.py", "--data-root", root, "--output-dir", tmp_path / "run",
-                       "--split-dir", tmp_path / "splits", "--queue-size", "32", "--knn-images", "0", *TINY)
+                       "--split-dir", tmp_path / "splits", "--queue-size", "16", "--knn-images", "0", *TINY)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and "could be read" in errors[0]
     assert "Traceback" not in result.stderr

@@ -8,7 +8,7 @@ from mirl import embed, study
 from mirl.monitor import knn_scores
 
 SIZE = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--device", "cpu",
-        "--epochs", "1", "--downstream-epochs", "1", "--queue-size", "64"]
+        "--epochs", "1", "--downstream-epochs", "1", "--queue-size", "16"]
 
 
 def test_tiny_study_writes_tables_csv_and_plot_then_resumes(rsna_root, tmp_path, capsys):
