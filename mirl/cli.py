@@ -134,8 +134,8 @@ def downstream_parser(dataset: str, method: str, folder: Path) -> argparse.Argum
     mode.add_argument("--frozen", action="store_true", help="train only a linear head on the frozen encoder")
     mode.add_argument("--resnet", action="store_true", help="supervised baseline without self-supervised pretraining")
     parser.add_argument("--encoder-lr-scale", type=positive_float, default=None,
-                        help="fine-tuning: the encoder's learning rate as a multiple of the head's (default 0.1 for "
-                             "a pretrained encoder, 1 for --resnet)")
+                        help="fine-tuning: the encoder's learning rate as a multiple of the head's (default 1, "
+                             "chosen on validation; see the README)")
     parser.add_argument("--init-weights", type=Path, default=None,
                         help="with --resnet: a local torchvision state dict to start from (never downloaded)")
     return parser

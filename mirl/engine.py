@@ -109,22 +109,26 @@ def prepare_output_dir(path: Path) -> None:
 class EpochSampler(Sampler[int]):
     """The order of one epoch, drawn from (seed, epoch) alone, so a resumed run replays it exactly.
 
-    Under torchrun each rank takes every world_size-th index of that order (padded by wrapping, or cut
+    An epoch makes `passes` passes over the data, each in its own order: a split of a few dozen images
+    then still gives an epoch enough optimizer steps, without an epoch-end evaluation and training state
+    after every step. Under torchrun each rank takes every world_size-th index of that order (padded by wrapping, or cut
     with `drop_last`, to equal shares, like DistributedSampler). `start(epoch, first)` begins an epoch at
     position `first`: a run resumed after B batches skips the 'B x batch size' images it trained on
     without reading them.
     """
 
-    def __init__(self, size: int, seed: int, drop_last: bool) -> None:
-        self.size, self.seed, self.drop_last = size, seed, drop_last
+    def __init__(self, size: int, seed: int, drop_last: bool, passes: int = 1) -> None:
+        self.size, self.seed, self.drop_last, self.passes = size, seed, drop_last, passes
         self.indices = self.order(0)
 
     def order(self, epoch: int) -> list[int]:
-        permutation = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        permutation = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(self.passes)])
         world, this_rank = world_size(), rank()
         if world > 1:
-            share = self.size // world if self.drop_last else -(-self.size // world)
-            permutation = permutation.repeat(-(-share * world // self.size))[:share * world]
+            length = len(permutation)
+            share = length // world if self.drop_last else -(-length // world)
+            permutation = permutation.repeat(-(-share * world // length))[:share * world]
             permutation = permutation[this_rank::world]
         return permutation.tolist()
 
@@ -150,10 +154,11 @@ def _ignore_interrupts(worker_id: int) -> None:
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, workers: int, shuffle: bool, drop_last: bool,
-                seed: int) -> DataLoader:
-    """A loader of uint8 batches. Shuffled loaders draw their order from an `EpochSampler`; workers
-    only decode files (all random augmentation happens in the main process, from saved generators)."""
-    sampler = EpochSampler(len(dataset), seed, drop_last) if shuffle else None
+                seed: int, passes: int = 1) -> DataLoader:
+    """A loader of uint8 batches. Shuffled loaders draw their order from an `EpochSampler` (of `passes`
+    passes over the data per epoch); workers only decode files (all random augmentation happens in the
+    main process, from saved generators)."""
+    sampler = EpochSampler(len(dataset), seed, drop_last, passes) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                       worker_init_fn=_ignore_interrupts if workers > 0 else None,

@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=positive_int, default=224)
     parser.add_argument("--epochs", type=positive_int, default=None, help="pretraining epochs (method default)")
     parser.add_argument("--downstream-epochs", type=positive_int, default=None, help="default: the scripts'")
-    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="pretraining batch")
+    parser.add_argument("--downstream-batch-size", type=positive_int, default=None, help="default: --batch-size")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--queue-size", type=positive_int, default=None, help="MoCo queue (default: the scripts' rule, a power of two <= images / 4)")
@@ -237,7 +238,7 @@ def run_study(args: argparse.Namespace) -> None:
     out = args.output_dir
     split_dir = args.split_dir or out / "splits"
     common = ["--data-root", str(args.data_root), "--split-dir", str(split_dir),
-              "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--device", args.device]
+              "--image-size", str(args.image_size), "--device", args.device]
     if args.labels is not None:
         common += ["--labels", str(args.labels)]
     if args.group_column is not None:
@@ -260,7 +261,8 @@ def run_study(args: argparse.Namespace) -> None:
         if variant.label_aware:
             extra += ["--supervised", "--fraction", str(fraction)]
         status = pretrain_script(args.dataset, variant.method, __file__, [
-            *common, "--arch", variant.arch or args.arch, "--output-dir", str(checkpoint.parent),
+            *common, "--batch-size", str(args.batch_size), "--arch", variant.arch or args.arch,
+            "--output-dir", str(checkpoint.parent),
             "--epochs", str(wanted), "--seed", str(args.seeds[0]), "--resume", "auto", *extra])
         if status:
             raise StudyStopped(status)
@@ -281,7 +283,8 @@ def run_study(args: argparse.Namespace) -> None:
             method, encoder = variant.method, ["--pretrained", str(checkpoint)]
         epochs = ["--epochs", str(args.downstream_epochs)] if args.downstream_epochs else []
         status = downstream_script(args.dataset, method, __file__, [
-            *common, *mode, *encoder, *epochs, "--fraction", str(run.fraction), "--seed", str(run.seed),
+            *common, "--batch-size", str(args.downstream_batch_size or args.batch_size), *mode, *encoder, *epochs,
+            "--fraction", str(run.fraction), "--seed", str(run.seed),
             "--output-dir", str(run_dir), "--resume", "auto"])
         if status:
             raise StudyStopped(status)

@@ -13,7 +13,7 @@ from torchvision.transforms.v2 import functional as TF
 from conftest import TINY, assert_one_line_error, run_entry, run_script
 from mirl.augment import evaluation_view, affine_crop, source_side
 from mirl.datasets import square_uint8
-from mirl.downstream import PROBE_LRS
+from mirl.downstream import FINETUNE_ENCODER_LR_SCALE, PROBE_LRS
 from mirl.engine import EpochSampler
 from mirl.errors import InputError
 from mirl.metrics import weighted_log_loss
@@ -174,7 +174,7 @@ def test_the_linear_probe_chooses_its_rate_on_validation(isic_root, isic_pretrai
     torchvision.models.resnet18(num_classes=9).load_state_dict(checkpoint["model"])
 
 
-def test_fine_tuning_warms_up_and_trains_the_pretrained_encoder_slower(isic_root, isic_pretrained):
+def test_fine_tuning_warms_up_with_the_encoder_rate_chosen_on_validation(isic_root, isic_pretrained):
     out = isic_pretrained
     runs = {"finetune": ["--pretrained", out / "mocov2" / "checkpoint.pth"], "resnet": ["--resnet", "--arch",
                                                                                         "resnet18"]}
@@ -186,7 +186,17 @@ def test_fine_tuning_warms_up_and_trains_the_pretrained_encoder_slower(isic_root
     finetune = json.loads((out / "finetune" / "config.json").read_text())
     resnet = json.loads((out / "resnet" / "config.json").read_text())
     head, encoder = finetune["learning_rates"]
-    assert encoder == pytest.approx(0.1 * head) and resnet["learning_rates"][0] == resnet["learning_rates"][1]
+    assert encoder == pytest.approx(FINETUNE_ENCODER_LR_SCALE * head)
+    assert resnet["learning_rates"][0] == resnet["learning_rates"][1]
     assert finetune["warmup_steps"] == round(0.1 * finetune["steps"]) > 0
-    # a 1 % split is one batch: without --epochs the run is stretched to at least 200 optimizer steps
-    assert finetune["steps"] >= 200 and finetune["steps"] == finetune["epochs"] * 1
+    # a 1 % split is one batch: without --epochs each of the 30 epochs passes over it several times, so the
+    # run takes at least 200 optimizer steps
+    assert finetune["epochs"] == 30 and finetune["passes_per_epoch"] > 1 and finetune["steps"] >= 200
+
+
+def test_an_epoch_of_several_passes_sees_every_image_once_per_pass_in_a_new_order():
+    sampler = EpochSampler(10, seed=3, drop_last=False, passes=3)
+    order = sampler.order(0)
+    passes = [order[i * 10:(i + 1) * 10] for i in range(3)]
+    assert all(sorted(p) == list(range(10)) for p in passes) and len({tuple(p) for p in passes}) == 3
+    assert EpochSampler(10, seed=3, drop_last=False).order(0) == passes[0]  # one pass: the order as before

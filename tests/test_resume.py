@@ -14,6 +14,7 @@ import torch.nn as nn
 from PIL import Image
 
 from conftest import REPO, assert_one_line_error, run_entry, run_script
+from mirl.augment import source_side
 from mirl.checkpoints import CheckpointStore, load_checkpoint
 from mirl.datasets import ImageDataset, ImageRecord
 from mirl.engine import RunLog, Trainer, make_loader
@@ -22,7 +23,7 @@ from mirl.errors import CheckpointError
 # 6 batches of 16 per epoch on the 16-patient sample; a state every 2 steps
 SMALL = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--device", "cpu",
          "--save-every", "2", "--deterministic"]
-PRETRAIN = [*SMALL, "--epochs", "2", "--queue-size", "16", "--knn-images", "0"]
+PRETRAIN = [*SMALL, "--epochs", "2", "--queue-size", "32", "--knn-images", "0"]
 FINETUNE = [*SMALL, "--epochs", "2", "--fraction", "50"]
 
 
@@ -148,7 +149,8 @@ def test_a_non_finite_loss_keeps_the_last_good_state(tmp_path):
         Image.fromarray((torch.rand(8, 8, 3) * 255).byte().numpy()).save(path)
         records.append(ImageRecord(str(i), path))
     loader = make_loader(ImageDataset(records, 8, 1), batch_size=2, workers=0, shuffle=True, drop_last=True, seed=0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 1))
+    side = source_side(8)  # loaders deliver images at the side augmentation crops from
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * side * side, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     calls = []
 

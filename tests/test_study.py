@@ -1,10 +1,11 @@
 """The label-efficiency study end to end, its resume, the kNN monitor and the t-SNE picture."""
 import csv
+import json
 
 import numpy as np
 import torch
 
-from mirl import embed, study
+from mirl import demo, embed, study
 from mirl.monitor import knn_scores
 
 SIZE = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--device", "cpu",
@@ -49,3 +50,21 @@ def test_knn_scores_by_hand():
     # nearest two: bank 0 (cosine 1.0) and bank 2 (cosine 0.6)
     w0, w2 = np.exp(1.0), np.exp(0.6)
     np.testing.assert_allclose(scores, [[w0 / (w0 + w2), w2 / (w0 + w2)]])
+
+
+def test_the_demo_says_in_one_line_whether_pretraining_helped(tmp_path):
+    def write(name: str, fraction: int, auc: float, low: float, high: float) -> None:
+        folder = tmp_path / "runs" / f"{name}_{fraction}F"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"test": {"auc_macro": auc, "ci95": {"auc_macro": [low, high]}}}))
+
+    write("mocov2_frozen", 10, 0.70, 0.60, 0.80)
+    write("mocov2_finetune", 10, 0.90, 0.85, 0.95)
+    write("resnet", 10, 0.60, 0.50, 0.70)
+    line = demo.verdict(tmp_path, 10)
+    assert line.startswith("At 10 % of labels, pretraining helped: MoCo v2, fine-tuned 0.900 against supervised 0.600")
+    assert "do not overlap" in line and "\n" not in line
+    (tmp_path / "runs" / "resnet_10F" / "metrics.json").write_text(
+        json.dumps({"test": {"auc_macro": 0.93, "ci95": {"auc_macro": [0.88, 0.97]}}}))
+    line = demo.verdict(tmp_path, 10)
+    assert "did not help" in line and "overlap: no clear difference" in line
