@@ -158,17 +158,20 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     if resumed is not None and args.arch is None:
         args.arch = resumed.get("arch")
     args.arch = args.arch or "resnet50"
+    identity = {"method": method.name, "dataset": description.name, "arch": args.arch,
+                "batch_size": args.batch_size, "image_size": args.image_size, "world_size": distributed.world_size(),
+                "supervised_fraction": args.fraction if args.supervised else None}
+    if resumed is not None:  # before listing the data: a state of another run is refused at once
+        check_same_run(resumed, identity, resume_from)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     records, monitor_sets = pretraining_records(description, args)
+    # the default queue size follows from the number of images, so it is checked once they are listed
     if method.queue:
         args.queue_size = checked_queue_size(args.queue_size, len(records))
-    identity = {"method": method.name, "dataset": description.name, "arch": args.arch,
-                "batch_size": args.batch_size, "image_size": args.image_size, "world_size": distributed.world_size(),
-                "queue_size": getattr(args, "queue_size", None),
-                "supervised_fraction": args.fraction if args.supervised else None}
+    identity["queue_size"] = args.queue_size if method.queue else None
     if resumed is not None:
-        check_same_run(resumed, identity, resume_from)
+        check_same_run(resumed, {"queue_size": identity["queue_size"]}, resume_from)
 
     distributed.init_from_environment(device)
     seed_everything(args.seed, args.deterministic)
