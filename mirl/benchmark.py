@@ -15,6 +15,10 @@ Measured after warm-up, in images per second (image pairs per second for the con
 - `decode_per_s` (one core decoding DICOM, converting to HU, windowing and resizing) and
   `cache_read_per_s` (one core reading the same images from the cache).
 - `peak_memory_mb`: the device's peak allocation on CUDA, the process's peak resident memory on the CPU.
+- `gflop_per_item` (one training step's matrix products and convolutions, forward and backward, counted by
+  torch's flop counter, per image pair), `matmul_tflop_per_s` (a large matrix product in the run's precision,
+  timed on the same device) and `mfu` = pipeline rate x FLOPs per item / that rate (`model_only_mfu` alike).
+- `operator_calls_per_step`: ATen operator calls of one model-only step, from torch.profiler.
 
 Without `--data-root`, it writes RSNA-format sample DICOMs at the real 512-pixel size into a temporary
 folder. No timing here is a test: targets are checked by reading the JSON.
@@ -38,7 +42,9 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, AugmentRecipe, BatchAugment, recipe_for
 from mirl.cache import dataset_images, open_cache
@@ -127,6 +133,35 @@ def contrastive_step(model: torch.nn.Module, method: str, args: argparse.Namespa
     return TrainingStep(lambda images, _: model(*views(images))[0], optimizer, None, device, precision)
 
 
+def step_flops(run_one: Callable[[], int]) -> float:
+    """Floating-point operations of one call (matrix products and convolutions, forward and backward), as
+    torch's flop counter counts them."""
+    with FlopCounterMode(display=False) as counter:
+        run_one()
+    return float(counter.get_total_flops())
+
+
+def matmul_flops_per_s(device: torch.device, precision: torch.dtype | None) -> float:
+    """The device's measured dense matrix-product rate in the run's precision: the denominator of MFU
+    (model FLOPs utilisation), measured rather than read off a datasheet."""
+    side = 8192 if device.type == "cuda" else 2048
+    dtype = precision or torch.float32
+    a, b = torch.randn(side, side, device=device, dtype=dtype), torch.randn(side, side, device=device, dtype=dtype)
+    repeats = 20 if device.type == "cuda" else 3
+    seconds = timed_rates({"matmul": lambda: (a @ b, 1)[1]}, 2, repeats, device, block=repeats)["matmul"]
+    return 2 * side ** 3 * seconds
+
+
+def operator_calls_per_step(run_one: Callable[[], int], steps: int = 3) -> float:
+    """ATen operator calls (nested calls included) per call of `run_one`, as torch.profiler records them on
+    the CPU: on a GPU each is a kernel launch or host work between them, the overhead that large-batch
+    throughput hides and small models expose."""
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            run_one()
+    return sum(event.count for event in profiler.key_averages() if event.key.startswith("aten::")) / steps
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -209,16 +244,25 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
             return len(views)
         baseline_per_s = timed_rates({"baseline": baseline_one}, args.warmup, args.steps, device)["baseline"]
 
+    peak_memory = peak_memory_mb(device)  # before the flop counter and the profiler add their own
+    flops_per_item = step_flops(model_only_one) / args.batch_size
+    peak_flops = matmul_flops_per_s(device, precision)
+    calls_per_step = operator_calls_per_step(model_only_one)
     return {
         "model_only_per_s": model_only_per_s,
         "pipeline_per_s": pipeline_per_s,
         "efficiency": pipeline_per_s / model_only_per_s,
+        "gflop_per_item": flops_per_item / 1e9,
+        "matmul_tflop_per_s": peak_flops / 1e12,
+        "mfu": pipeline_per_s * flops_per_item / peak_flops,
+        "model_only_mfu": model_only_per_s * flops_per_item / peak_flops,
+        "operator_calls_per_step": calls_per_step,
         "baseline_per_s": baseline_per_s,
         "speedup_vs_baseline": pipeline_per_s / baseline_per_s if baseline_per_s else None,
         "decode_per_s": decode_per_s,
         "cache_read_per_s": cache_read_per_s,
         "cache_vs_decode": cache_read_per_s / decode_per_s,
-        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_mb": peak_memory,
         "unit": "image pairs/s",
         "device": device_name(device),
         "precision": str(precision or "fp32").replace("torch.", ""),
@@ -256,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             data_root = args.data_root
             if data_root is None:
                 needed = (args.warmup + args.steps + 1) * args.batch_size
-                data_root = write_rsna(Path(scratch) / "data", patients=max(8, math.ceil(needed / 8)), size=512)
+                data_root = write_rsna(Path(scratch) / "data", patients=max(8, math.ceil(needed / 8)), size=512,
+                                       workers=os.cpu_count() or 1)
             else:
                 DATASETS[args.dataset].check_root(data_root)
             results = run_benchmark(args, data_root, args.cache or Path(scratch) / "cache")

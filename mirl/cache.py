@@ -31,7 +31,7 @@ from tqdm import tqdm
 from mirl import distributed
 from mirl.augment import source_side
 from mirl.datasets import DATASETS, DatasetDescription, ImageDataset, ImageRecord
-from mirl.errors import InputError
+from mirl.errors import InputError, OutputError
 
 # Bump when decoding changes (windows, normalisation, resizing): old caches then stop matching.
 # Format 2: images kept at source_side(image_size), the shorter side resized and the longer centre-cropped.
@@ -57,7 +57,10 @@ def cache_key(description: DatasetDescription, records: list[ImageRecord], image
                                         "image_size": image_size, "source_side": source_side(image_size)}).encode())
     for record in records:
         stat = record.path.stat()
-        digest.update(f"{source_key(record)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        # the change time too: a copy that keeps size and modification time (cp -p, rsync -t) still changes
+        # it, at no cost beyond the stat already made; hashing contents would read every file at every start
+        digest.update(f"{source_key(record)}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}\n"
+                      .encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:16]
 
 
@@ -124,24 +127,42 @@ def open_cache(description: DatasetDescription, root: Path, image_size: int, cac
     if not records:
         raise InputError(f"no images found under {root}; {description.data_hint}")
     folder = cache_root / f"{description.name}-{image_size}px-{cache_key(description, records, image_size)}"
-    if not folder.is_dir() and distributed.is_main_process():
-        try:
-            cache_root.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise InputError(f"cannot create the cache folder {cache_root}: {error.strerror}") from None
-        build_cache(records, image_size, folder, workers)
+    if distributed.is_main_process():
+        if folder.is_dir() and (damage := cache_damage(folder, len(records))) is not None:
+            print(f"warning: the cache {folder} is damaged ({damage}); building it again", file=sys.stderr)
+            shutil.rmtree(folder, ignore_errors=True)
+        if not folder.is_dir():
+            try:
+                cache_root.mkdir(parents=True, exist_ok=True)
+                build_cache(records, image_size, folder, workers)
+            except OSError as error:
+                raise OutputError(f"--cache {cache_root} cannot be written ({error.strerror or type(error).__name__})"
+                                  ) from None
     distributed.barrier()
     return DecodedImageCache(folder)
 
 
+def cache_damage(folder: Path, images: int) -> str | None:
+    """What is wrong with a built cache folder (a part deleted, an array cut short), or None when it is whole."""
+    try:
+        index = json.loads((folder / INDEX_FILE).read_text())
+        readable = np.load(folder / READABLE_FILE)
+        pixels = np.load(folder / IMAGES_FILE, mmap_mode="r")
+    except (OSError, ValueError) as error:  # a missing file, or an array shorter than its header says
+        return (str(error).splitlines() or [type(error).__name__])[0][:120]
+    if not len(index.get("sources", [])) == len(readable) == len(pixels) == images:
+        return f"{len(pixels)} images where {images} are expected"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    from mirl.cli import OneLineParser, guarded, positive_int
+    from mirl.cli import OneLineParser, guarded, image_size
     parser = OneLineParser(prog="python -m mirl.cache",
                            description="Decode a dataset once into the memory-mapped cache that --cache reads.")
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--cache", type=Path, required=True, help="folder that holds the caches")
-    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--image-size", type=image_size, default=224)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (all cores)")
     args = parser.parse_args(argv)
 

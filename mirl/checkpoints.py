@@ -12,30 +12,49 @@ import os
 import random
 import re
 import shutil
+import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from mirl.distributed import is_main_process
-from mirl.errors import CheckpointError, InputError
+from mirl.errors import CheckpointError, InputError, OutputError
 
 CHECKPOINT_NAME = "checkpoint.pth"
 STATES_FOLDER = "checkpoints"
 _STATE_NAME = re.compile(r"state-e(\d{4,})-b(\d{6,})\.pth")
 
 
+FINISHED_FILES = (CHECKPOINT_NAME, "metrics.json")  # what a finished run leaves in its output dir
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[Path]:
+    """A temporary file of this process beside `path`, renamed onto it when the block ends. A failed
+    write (a full disk, a folder gone read-only) removes the temporary file, so it cannot keep the disk
+    full, and becomes one OutputError naming the file; the previous `path` stays whole."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path} ({error.strerror or type(error).__name__}); what was written "
+                          "before is intact") from None
+
+
 def save_checkpoint(payload: dict, path: Path) -> None:
     """Write through a temporary file and rename, so a crash never leaves a half-written checkpoint."""
     if not is_main_process():
         return
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with writing(path) as tmp, open(tmp, "wb") as f:
         torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -124,34 +143,72 @@ class CheckpointStore:
         return path
 
     def _publish(self, state: Path) -> None:
-        target = self.output_dir / CHECKPOINT_NAME
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(state, tmp)
-        except OSError:  # a file system without hard links: copy instead
-            shutil.copyfile(state, tmp)
-        os.replace(tmp, target)
+        with writing(self.output_dir / CHECKPOINT_NAME) as tmp:
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(state, tmp)
+            except OSError:  # a file system without hard links: copy instead
+                shutil.copyfile(state, tmp)
+
+    def check_room(self, state_bytes: int) -> None:
+        """Refuse, before training, a disk without room for the states this run keeps (and the one being
+        written while the oldest still exists), rather than fail at the first save after hours of work."""
+        needed = (self.keep + 1) * state_bytes
+        free = shutil.disk_usage(self.output_dir).free
+        if free < needed:
+            raise OutputError(f"{self.output_dir} has {free / 2 ** 20:,.0f} MiB free, and this run's training "
+                              f"states need about {needed / 2 ** 20:,.0f} MiB ({self.keep + 1} of "
+                              f"{state_bytes / 2 ** 20:,.0f} MiB); free some space or lower --keep")
 
 
-def resume_path(requested: str | None, store: CheckpointStore) -> Path | None:
-    """The state a run continues from: `--resume PATH`, or with `--resume auto` the newest state in the
-    output dir (None when there is none yet, so a job script can always pass `--resume auto`).
+def resume_state(requested: str | None, store: CheckpointStore) -> tuple[Path | None, dict | None]:
+    """The state a run continues from and its contents: `--resume PATH`, or with `--resume auto` the newest
+    intact state in the output dir (a damaged newest one is passed over with a warning), or a pretraining
+    run's published checkpoint.pth when its states were deleted; (None, None) when there is nothing to
+    continue, so a job script can always pass `--resume auto`.
 
-    Without `--resume`, an output dir that already holds states is refused rather than overwritten:
-    nothing a user trained is ever lost."""
+    Nothing a user trained is ever lost: without `--resume`, an output dir holding states or a finished
+    run's files is refused rather than overwritten, and so is `--resume auto` over a finished run whose
+    states are gone."""
+    finished = [name for name in FINISHED_FILES if (store.output_dir / name).is_file()]
     if requested is None:
         newest = store.newest()
-        if newest is not None:
-            raise InputError(f"{store.output_dir} already holds training states (newest {newest.name}); "
-                             "continue it with --resume auto, or choose another --output-dir")
-        return None
-    if requested == "auto":
-        return store.newest()
-    path = Path(requested)
-    if not path.is_file():
-        raise CheckpointError(f"--resume {path}: no such checkpoint")
-    return path
+        if newest is not None or finished:
+            held = f"training states (newest {newest.name})" if newest is not None else f"a finished run ({finished[0]})"
+            raise InputError(f"{store.output_dir} already holds {held}; continue it with --resume auto, or choose "
+                             "another --output-dir")
+        return None, None
+    if requested != "auto":
+        path = Path(requested)
+        if not path.is_file():
+            raise CheckpointError(f"--resume {path}: no such checkpoint")
+        return path, load_checkpoint(path)
+    candidates = list(reversed(store.states()))
+    if not candidates and store.publish and CHECKPOINT_NAME in finished:
+        candidates = [store.output_dir / CHECKPOINT_NAME]
+    elif not candidates and finished:
+        raise InputError(f"{store.output_dir} holds a finished run ({finished[0]}) and no training state to "
+                         "continue; choose another --output-dir")
+    for position, path in enumerate(candidates):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as error:
+            if position == len(candidates) - 1:
+                raise
+            print(f"warning: {error}; trying the older {candidates[position + 1].name}", file=sys.stderr)
+    return None, None
+
+
+@contextmanager
+def reading_state(source: Path) -> Iterator[None]:
+    """Whatever loading a damaged or foreign training state raises (a missing key, a tensor of another
+    shape, a value of another type) becomes one CheckpointError naming the file."""
+    try:
+        yield
+    except (KeyError, RuntimeError, TypeError, ValueError, AttributeError, IndexError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{source} is not a complete training state of this kind of run "
+                              f"({type(error).__name__}: {reason[:200]})") from None
 
 
 def check_same_run(checkpoint: dict, identity: dict[str, object], source: Path) -> None:
@@ -162,6 +219,6 @@ def check_same_run(checkpoint: dict, identity: dict[str, object], source: Path) 
         raise CheckpointError(f"{source} is not a MIRL training state; --resume takes a file from "
                               f"{STATES_FOLDER}/ or a pretraining checkpoint.pth")
     for key, value in identity.items():
-        if str(saved.get(key)) != str(value):
+        if key in saved and str(saved[key]) != str(value):  # a key an older version did not record is not checked
             raise CheckpointError(f"{source} was written with {key} {saved.get(key)}, this run has {value}; "
                                   f"resume with the same settings or choose another --output-dir")

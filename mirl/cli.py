@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 from mirl.datasets import DATASETS, DatasetDescription, with_label_csv
-from mirl.engine import TrainingInterrupted
+from mirl.engine import TrainingInterrupted, release_output_dirs
 from mirl.errors import InputError
 from mirl.models import ENCODERS
 from mirl.splits import FRACTIONS
@@ -39,6 +39,25 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def batch_size(text: str) -> int:
+    """A training batch: BatchNorm statistics and contrastive pairs need at least two images."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (BatchNorm and contrastive pairs need two images), "
+                                         f"got {text}")
+    return value
+
+
+MIN_IMAGE_SIZE = 32  # a ResNet halves its input five times; below 32 px its last stage has no pixel left
+
+
+def image_size(text: str) -> int:
+    value = int(text)
+    if value < MIN_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_IMAGE_SIZE} pixels, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -54,17 +73,17 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epo
     parser.add_argument("--split-dir", type=Path, default=folder / "splits",
                         help="label-fraction split files, made on first use (default: splits/ beside the script)")
     parser.add_argument("--epochs", type=positive_int, default=default_epochs)
-    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=batch_size, default=256)
     parser.add_argument("--arch", choices=sorted(ENCODERS), default=None,
                         help="encoder architecture (default resnet50; downstream: the checkpoint's)")
-    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--image-size", type=image_size, default=224)
     parser.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast dtype; auto is bf16 where the device runs it fast")
     parser.add_argument("--lr", type=positive_float, default=None,
                         help="learning rate (default: the method's; a linear probe chooses it on validation from a grid)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic kernels only: the same seed gives the same weights, and a resumed run "
                              "ends where an unbroken one does (slower on GPUs)")
@@ -173,6 +192,8 @@ def guarded(run: Callable[[], None]) -> int:
     except TrainingInterrupted as error:
         print(f"stopped: {error}", file=sys.stderr)
         return 130
+    finally:
+        release_output_dirs()
     return 0
 
 

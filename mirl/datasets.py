@@ -66,7 +66,7 @@ class DatasetDescription:
     find_labelled: Callable[[Path], list[ImageRecord]]
     has_labels: Callable[[Path], bool]
     data_hint: str
-    patient_group: Callable[[ImageRecord], str] = record_group
+    patient_group: Callable[[ImageRecord], str | None] = record_group  # None: the image names no patient
     patient_vote: bool = False  # also report patient-level accuracy from the slices' votes
 
     def check_root(self, root: Path) -> None:
@@ -238,10 +238,10 @@ def read_label_csv(csv_path: Path, root: Path, groups: dict[str, str] | None = N
 
 # ---------------------------------------------------------------- RSNA Intracranial Hemorrhage
 
-def dicom_patient_group_or_own(record: ImageRecord) -> str:
-    """The salted patient hash of an RSNA slice; a file whose header cannot be read is a group of its
-    own (its pixels cannot be read either, so training skips and lists it): one bad file among
-    thousands must not stop the split from being made."""
+def dicom_patient_group_or_own(record: ImageRecord) -> str | None:
+    """The salted patient hash of an RSNA slice (None when its header names no patient); a file whose
+    header cannot be read is a group of its own (its pixels cannot be read either, so training skips and
+    lists it): one bad file among thousands must not stop the split from being made."""
     try:
         return dicom_patient_group(record.path)
     except UnreadableImageError:

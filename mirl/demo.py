@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     data, splits, runs = args.out / "data", args.out / "splits", args.out / "runs"
     if not (data / "stage_2_train.csv").is_file():
         print(f"[1/3] writing {args.patients} sample CT studies to {data}")
-        write_rsna(data, patients=args.patients, size=128)
+        write_rsna(data, patients=args.patients, size=128, workers=max(1, args.workers))
     # --resume auto: a demo started again continues where it stopped and retrains nothing it finished
     size = ["--arch", "resnet18", "--image-size", str(args.image_size), "--workers", str(args.workers),
             "--data-root", str(data), "--split-dir", str(splits), "--resume", "auto"]

@@ -29,8 +29,14 @@ def is_main_process() -> bool:
 
 
 def init_from_environment(device: torch.device) -> None:
-    """Join the process group torchrun describes in the environment (nccl on CUDA, gloo on CPU)."""
+    """Join the process group torchrun describes in the environment (nccl on CUDA, gloo on CPU).
+
+    On CUDA the rank's own GPU (LOCAL_RANK) becomes the current device first: NCCL's object collectives
+    (checkpoint saving) and every tensor made without a device go to the current device, which is
+    otherwise GPU 0 on every rank."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 

@@ -19,7 +19,7 @@ from mirl import distributed
 from mirl.augment import RECIPES, BatchAugment
 from mirl.cache import open_cache
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
-from mirl.checkpoints import CHECKPOINT_NAME, check_same_run, load_checkpoint, save_checkpoint
+from mirl.checkpoints import CHECKPOINT_NAME, check_same_run, load_checkpoint, reading_state, save_checkpoint
 from mirl.engine import RunLog, Trainer, make_loader, open_run, predict, prepare_network, resolve_device, \
     resolve_precision, seed_everything
 from mirl.errors import CheckpointError, InputError
@@ -81,10 +81,16 @@ def pretrained_encoder(method: MethodSpec, args: argparse.Namespace) -> dict[str
     if found != method.name or "encoder" not in checkpoint:
         origin = f"a {METHODS[found].title} checkpoint" if found in METHODS else "not a MIRL pretraining checkpoint"
         raise CheckpointError(f"{args.pretrained} is {origin}; this script needs one written by {method.script}")
-    if args.arch is not None and args.arch != checkpoint["arch"]:
-        raise CheckpointError(f"{args.pretrained} holds a {checkpoint['arch']} encoder but --arch is {args.arch}")
-    args.arch = checkpoint["arch"]
-    return checkpoint["encoder"]
+    arch, encoder = checkpoint.get("arch"), checkpoint["encoder"]
+    if not isinstance(arch, str) or arch not in ENCODERS:
+        raise CheckpointError(f"{args.pretrained} names no known architecture ({str(arch)[:40]!r}; known: "
+                              f"{', '.join(sorted(ENCODERS))})")
+    if not isinstance(encoder, dict) or not all(isinstance(v, torch.Tensor) for v in encoder.values()):
+        raise CheckpointError(f"{args.pretrained}: its encoder is not a mapping of names to tensors")
+    if args.arch is not None and args.arch != arch:
+        raise CheckpointError(f"{args.pretrained} holds a {arch} encoder but --arch is {args.arch}")
+    args.arch = arch
+    return encoder
 
 
 def torchvision_weights(path: Path, arch: str) -> dict[str, torch.Tensor]:
@@ -115,6 +121,8 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     method = METHODS[method_name]
     if args.init_weights is not None and not args.resnet:
         raise InputError("--init-weights goes with --resnet; without it the encoder comes from --pretrained")
+    device = resolve_device(args.device)
+    distributed.init_from_environment(device)  # first: the run's identity holds the world size
     store, resume_from, resumed = open_run(args.output_dir, args.keep, publish=False, resume=args.resume)
     encoder, source = None, None
     if args.resnet:
@@ -126,10 +134,11 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     mode = "resnet" if args.resnet else ("frozen" if args.frozen else "finetune")
     identity = {"method": "supervised" if args.resnet else method.name, "mode": mode, "dataset": description.name,
                 "arch": args.arch, "fraction": args.fraction, "batch_size": args.batch_size,
-                "image_size": args.image_size, "world_size": distributed.world_size()}
+                "image_size": args.image_size, "world_size": distributed.world_size(),
+                # the schedule follows from these: a resumed run with others would silently train another one
+                "lr": args.lr, "epochs": args.epochs, "encoder_lr_scale": args.encoder_lr_scale}
     if resumed is not None:
         check_same_run(resumed, identity, resume_from)
-    device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     description.check_root(args.data_root)
     records = description.find_labelled(args.data_root)
@@ -139,7 +148,6 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     if len(train) < 2:
         raise InputError(f"the {args.fraction} % split has {len(train)} image; pick a larger --fraction")
 
-    distributed.init_from_environment(device)
     seed_everything(args.seed, args.deterministic)
     classes = description.classes
     architecture = ENCODERS[args.arch]
@@ -161,7 +169,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     if args.frozen:
         grid = architecture.output_layer(model)
         optimizer = torch.optim.SGD([{"params": list(h.parameters()), "lr": lr} for h, lr in zip(grid.heads, probe_lrs)],
-                                    lr=probe_lrs[0], momentum=0.9, weight_decay=0.0)
+                                    lr=probe_lrs[0], momentum=0.9, weight_decay=0.0, fused=True)
     else:
         head_lr = args.lr or FINETUNE_LR
         # a randomly initialised encoder has no features to protect: it always trains at the head's rate
@@ -170,7 +178,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
         groups = [{"params": [p for n, p in model.named_parameters() if n.startswith(head)], "lr": head_lr},
                   {"params": [p for n, p in model.named_parameters() if not n.startswith(head)],
                    "lr": head_lr * encoder_scale}]
-        optimizer = torch.optim.AdamW(groups, lr=head_lr, weight_decay=1e-4)
+        optimizer = torch.optim.AdamW(groups, lr=head_lr, weight_decay=1e-4, fused=True)
 
     cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers) if args.cache else None
 
@@ -218,8 +226,9 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     def split_metrics(split: list[ImageRecord], truth: np.ndarray, probability: np.ndarray, kept: np.ndarray,
                       interval: bool = False) -> dict:
         """Metrics of one split's predictions; with `interval`, a patient-bootstrap 95 % interval of the
-        headline ones."""
-        patients = [description.patient_group(split[i]) for i in kept] \
+        headline ones. Images that could not be read are counted (`unreadable_images`) and listed in
+        skipped.csv, never silently left out."""
+        patients = [description.patient_group(split[i]) or split[i].image_id for i in kept] \
             if description.patient_vote or interval else None
         metrics = evaluate(truth, probability, classes, description.multilabel,
                            patients if description.patient_vote else None)
@@ -228,10 +237,17 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
                 name: bootstrap_interval(truth, probability, patients,
                                          lambda y, p, name=name: evaluate(y, p, classes, description.multilabel)[name])
                 for name in reported_metrics(description.multilabel)}
+        metrics["unreadable_images"] = len(split) - len(kept)
         return metrics
 
+    def predictions(loader: torch.utils.data.DataLoader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        truth, probability, kept = predict(model, loader, device, precision, description.multilabel)
+        if len(kept) < len(loader.dataset):
+            trainer.note_unreadable(loader.dataset, sorted(set(range(len(loader.dataset))) - set(kept.tolist())))
+        return truth, probability, kept
+
     def evaluate_split(split: list[ImageRecord], loader: torch.utils.data.DataLoader, interval: bool = False) -> dict:
-        return split_metrics(split, *predict(model, loader, device, precision, description.multilabel), interval)
+        return split_metrics(split, *predictions(loader), interval)
 
     def score_of(metrics: dict) -> float:
         return metrics[selection] if metrics[selection] is not None else -metrics.get("weighted_log_loss", 0.0)
@@ -241,7 +257,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     def end_of_epoch(epoch: int) -> dict[str, float]:
         if (epoch + 1) % evaluate_every and epoch + 1 != args.epochs:
             return {}
-        truth, probability, kept = predict(model, val_loader, device, precision, description.multilabel)
+        truth, probability, kept = predictions(val_loader)
         # the linear probe's grid: one set of metrics per head, the best head speaks for the epoch
         per_head = [split_metrics(val, truth, probability[:, h], kept) for h in range(probability.shape[1])] \
             if args.frozen else [split_metrics(val, truth, probability, kept)]
@@ -268,9 +284,10 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     trainer = Trainer(step_loss, train_loader, optimizer, scheduler, device, precision, store, args.save_every,
                       snapshot)
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        best.update(resumed["best"])
-        trainer.restore(resumed, resume_from)
+        with reading_state(resume_from):
+            model.load_state_dict(resumed["model"])
+            best.update(resumed["best"])
+            trainer.restore(resumed, resume_from)
     trainer.fit(args.epochs, log, end_of_epoch, train_mode)
     if args.frozen:  # back to the plain torchvision classifier, holding the head chosen on validation
         architecture.replace_output_layer(model, nn.Linear(grid.heads[0].in_features, len(classes)).to(device))

@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure
 from sklearn.manifold import TSNE
 
-from mirl.cli import OneLineParser, guarded, positive_int
+from mirl.cli import OneLineParser, guarded, image_size, positive_int
 from mirl.datasets import DATASETS
 from mirl.checkpoints import load_checkpoint
 from mirl.engine import resolve_device, resolve_precision
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-dir", type=Path, required=True, help="the split files the runs used")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default=None, help="default: the checkpoint's")
     parser.add_argument("--out", type=Path, default=Path("tsne.png"))
-    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--image-size", type=image_size, default=224)
     parser.add_argument("--max-images", type=positive_int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

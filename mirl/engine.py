@@ -16,7 +16,12 @@ import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so runs on one output dir are not kept apart
+    fcntl = None
 
 import numpy as np
 import torch
@@ -27,9 +32,9 @@ from tqdm import tqdm
 
 from mirl.augment import evaluation_view
 from mirl.datasets import ImageDataset
-from mirl.checkpoints import CheckpointStore, load_checkpoint, random_state, resume_path, restore_random_state
+from mirl.checkpoints import CheckpointStore, random_state, restore_random_state, resume_state, writing
 from mirl.distributed import any_rank, gather_objects, is_main_process, local_rank, rank, world_size
-from mirl.errors import DataError, InputError
+from mirl.errors import DataError, InputError, OutputError
 from mirl.models import ENCODER_CLASSES
 
 
@@ -86,24 +91,74 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 def open_run(output_dir: Path, keep: int, publish: bool,
              resume: str | None) -> tuple[CheckpointStore, Path | None, dict | None]:
-    """Before any heavy work: the output dir proven writable, its store of training states, and the
-    state `--resume` asks to continue from (its path and contents; None for a fresh run)."""
+    """Before any heavy work: the output dir proven writable and held by this run alone, its store of
+    training states, and the state `--resume` asks to continue from (its path and contents; None for a
+    fresh run)."""
     prepare_output_dir(output_dir)
+    lock_output_dir(output_dir)
     store = CheckpointStore(output_dir, keep, publish)
-    resume_from = resume_path(resume, store)
-    return store, resume_from, load_checkpoint(resume_from) if resume_from is not None else None
+    resume_from, resumed = resume_state(resume, store)
+    return store, resume_from, resumed
+
+
+PROBE_BYTES = 2 ** 20
 
 
 def prepare_output_dir(path: Path) -> None:
     """Create the output dir and prove it writable now, not after hours of training."""
+    prove_writable(path, "--output-dir")
+
+
+def prove_writable(path: Path, flag: str) -> None:
+    """Create the folder `flag` names and write a megabyte into it (an empty file can be created on a full
+    disk), or stop with one OutputError."""
+    probe = path / f".write-test.{os.getpid()}"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with open(probe, "wb") as f:
+            f.write(bytes(PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as error:
-        raise InputError(f"--output-dir {path} cannot be written ({error.strerror or type(error).__name__})") \
-            from None
+        raise OutputError(f"{flag} {path} cannot be written ({error.strerror or type(error).__name__})") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # not a folder at all: nothing was written
+            pass
+
+
+_HELD_LOCKS: dict[Path, IO[str]] = {}
+
+
+def lock_output_dir(path: Path) -> None:
+    """Hold `path/.lock` until `release_output_dirs` (rank 0's, under torchrun), so a second run started on
+    the same output dir stops at once instead of writing its records beside this one's. The operating system
+    releases the lock when the process ends, however it ends."""
+    key = path.resolve()
+    if fcntl is None or not is_main_process() or key in _HELD_LOCKS:
+        return
+    handle = open(path / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip()
+        handle.close()
+        raise OutputError(f"another run{f' (process {owner})' if owner.isdigit() else ''} is writing to {path}; "
+                          "wait for it to end or choose another --output-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _HELD_LOCKS[key] = handle
+
+
+def release_output_dirs() -> None:
+    """Let other runs use the output dirs this process locked (the scripts' edge calls it when a run ends)."""
+    for handle in _HELD_LOCKS.values():
+        handle.close()
+    _HELD_LOCKS.clear()
 
 
 class EpochSampler(Sampler[int]):
@@ -149,8 +204,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def _ignore_interrupts(worker_id: int) -> None:
-    """Ctrl-C reaches the whole process group: workers leave it to the main process, which saves."""
+    """Ctrl-C, and the SIGTERM a cluster's scheduler sends before pre-empting a job, reach the whole process
+    group: workers leave them to the main process, which saves its state and then shuts them down (a worker
+    killed by SIGTERM would take the run down with it before anything was saved). A worker whose main
+    process dies anyway exits on its own: torch's workers watch their parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, workers: int, shuffle: bool, drop_last: bool,
@@ -191,10 +250,11 @@ class RunLog:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temporary file of this process and rename: readers see the old or the new text."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write through a temporary file of this process and rename: readers see the old or the new text.
+    File names that are not valid UTF-8 (held by Python as surrogate escapes) are written back as the
+    same bytes, so a list of image ids or files reads back exactly."""
+    with writing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
 class TrainingStep:
@@ -259,8 +319,8 @@ class Trainer:
     """The one training loop, shared by pretraining and downstream training.
 
     Epochs of `step_loss(images, labels)` over a loader whose order comes from an `EpochSampler`.
-    Unreadable images are dropped from their batch, counted on the progress bar and listed once in
-    `skipped.csv`. A training state goes to the `CheckpointStore` every `save_every` steps, at every
+    Unreadable images are replaced in their batch by readable ones of it (`readable_batch`), counted on the
+    progress bar and listed once in `skipped.csv`. A training state goes to the `CheckpointStore` every `save_every` steps, at every
     epoch end and when Ctrl-C or SIGTERM arrives; `restore` continues from one exactly. `snapshot()`
     gives the caller's part of a state (weights and what it needs to reload them).
     """
@@ -278,6 +338,8 @@ class Trainer:
         self.epoch, self.batch = 0, 0  # the next batch to train: `batch` batches of `epoch` are done
         self.skipped: list[list[str]] = []  # [image id, file, reason] of every unreadable image met
         self.skipped_csv = store.output_dir / "skipped.csv"
+        if is_main_process():
+            store.check_room(state_bytes(snapshot(), optimizer))
 
     def state(self) -> dict:
         step = self.step
@@ -328,10 +390,11 @@ class Trainer:
                     self.batch += 1
                     readable += int(ok.sum())
                     if not ok.all():
-                        self._note_skipped(self.sampler.indices[position * batch_size:(position + 1) * batch_size],
-                                           ok)
-                    if ok.sum() >= 2:  # BatchNorm and contrastive pairs need at least two images
-                        loss = self._train_step(images[ok], labels[ok])
+                        batch = self.sampler.indices[position * batch_size:(position + 1) * batch_size]
+                        self.note_unreadable(self.loader.dataset, [i for i, good in zip(batch, ok.tolist()) if not good])
+                    # BatchNorm and contrastive pairs need at least two images; every rank skips together
+                    if not any_rank(int(ok.sum()) < 2, self.device):
+                        loss = self._train_step(*readable_batch(images, labels, ok))
                         log.scalar("train/loss", loss, self.step.steps)
                         log.scalar("train/lr", self.step.optimizer.param_groups[0]["lr"], self.step.steps)
                         batch_bar.set_postfix(loss=f"{loss:.4f}", skipped=len(self.skipped))
@@ -360,16 +423,17 @@ class Trainer:
             kept = f"the last good state is {newest}" if newest else "no state had been saved yet"
             raise FloatingPointError(f"{error}; {kept}") from None
 
-    def _note_skipped(self, indices: list[int], ok: torch.Tensor) -> None:
-        """Record each unreadable image once, with the reason its reader gives."""
+    def note_unreadable(self, dataset: ImageDataset, indices: list[int]) -> None:
+        """Record each unreadable image (of training, or of an evaluation split) once, with the reason its
+        reader gives."""
         known = {row[0] for row in self.skipped}
         before = len(self.skipped)
-        dataset: ImageDataset = self.loader.dataset
-        for index in (i for i, good in zip(indices, ok.tolist()) if not good):
+        for index in indices:
             record = dataset.records[index]
-            if record.image_id not in known:
-                self.skipped.append([record.image_id, str(record.path), dataset.why_unreadable(index)])
-                known.add(record.image_id)
+            if readable_text(record.image_id) not in known:
+                self.skipped.append([readable_text(record.image_id), readable_text(str(record.path)),
+                                     readable_text(dataset.why_unreadable(index))])
+                known.add(readable_text(record.image_id))
         if len(self.skipped) > before:  # later epochs meet the same files again: nothing new to write
             self._write_skipped()
 
@@ -378,6 +442,46 @@ class Trainer:
             return
         lines = ["image_id,file,reason"] + [",".join(_csv_field(v) for v in row) for row in self.skipped]
         atomic_write_text(self.skipped_csv, "\n".join(lines) + "\n")
+
+
+def state_bytes(snapshot: dict, optimizer: torch.optim.Optimizer) -> int:
+    """About how many bytes a training state takes on disk: each tensor of the snapshot once (torch.save
+    stores shared storage once), and two buffers per trained parameter for the optimizer (momentum; Adam's
+    two moments), which exist only after the first step."""
+    seen: dict[int, int] = {}
+
+    def visit(value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+    visit(snapshot)
+    trained = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+    return sum(seen.values()) + 2 * trained
+
+
+def readable_batch(images: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch with each unreadable image replaced by a readable one of the same batch, in turn. A batch
+    keeps its size: under torchrun every rank's all-gather then sees equal shares (a rank whose batch
+    shrank would hang the others), and a compiled step never meets a new shape."""
+    if ok.all():
+        return images, labels
+    good, bad = ok.nonzero().flatten(), (~ok).nonzero().flatten()
+    source = good[torch.arange(len(bad)) % len(good)]
+    images, labels = images.clone(), labels.clone()
+    images[bad], labels[bad] = images[source], labels[source]
+    return images, labels
+
+
+def readable_text(text: str) -> str:
+    """`text` as valid UTF-8 for a file a person reads: bytes of a file name that are not UTF-8 (which
+    Python holds as surrogate escapes) are shown as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _csv_field(value: str) -> str:

@@ -15,3 +15,7 @@ class CheckpointError(InputError):
 
 class UnreadableImageError(InputError):
     """One image file that cannot be decoded; inside a dataset it is skipped and counted."""
+
+
+class OutputError(InputError):
+    """An output that cannot be written: a full disk, a read-only folder, another run holding it."""

@@ -30,8 +30,10 @@ two pixels, and frames over `MAX_FRAME_BYTES`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import secrets
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,14 @@ from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import JPEGLSTransferSyntaxes, JPEGTransferSyntaxes, UncompressedTransferSyntaxes
 
 from mirl.errors import UnreadableImageError
+
+# No identifying tag may reach any output, warnings included: pydicom's validation warnings and log
+# records quote tag values ("Invalid value for VR UI: '<a StudyInstanceUID>'"). Values are not
+# validated on reading, and whatever pydicom still warns or logs is dropped; MIRL's own messages about a
+# file name the file and the reason, never a tag's value.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
 
 # (centre, width) in HU: the standard three-window stack for intracranial hemorrhage.
 BRAIN_WINDOW = (40.0, 80.0)
@@ -228,6 +238,9 @@ def window_ct(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
 
 def windowed_channels(hu: np.ndarray, windows: tuple[tuple[float, float], ...] = HEMORRHAGE_WINDOWS) -> np.ndarray:
     """Stack one windowed copy of the slice per window: an H x W x len(windows) uint8 array."""
+    if not np.isfinite(hu).any():
+        raise UnreadableImageError("no finite pixel value")
+    hu = np.nan_to_num(hu, nan=-1000.0)  # a missing value shows as air, not as a random grey
     stacked = np.stack([window_ct(hu, c, w) for c, w in windows], axis=-1)
     return np.round(stacked * 255.0).astype(np.uint8)
 
@@ -242,17 +255,24 @@ def salted_hash(identifier: str) -> str:
     return hashlib.sha256(_PATIENT_SALT + identifier.encode()).hexdigest()[:16]
 
 
-def dicom_patient_group(path: Path) -> str:
-    """The salted hash of a DICOM's PatientID (StudyInstanceUID when absent), read without pixels."""
+# The tags that tie a slice to its patient, most specific first: without PatientID, the study; without
+# that, the series (all slices of one series are one patient's), rather than every slice on its own.
+PATIENT_TAGS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def dicom_patient_group(path: Path) -> str | None:
+    """The salted hash of a DICOM's first present tag of `PATIENT_TAGS`, read without pixels; None when
+    the file has none of them."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "StudyInstanceUID"])
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(PATIENT_TAGS))
     except Exception as error:
         raise UnreadableImageError(f"{path.name}: not a readable DICOM file ({type(error).__name__})") from error
     try:
-        identifier = str(header_value(ds, "PatientID", "") or header_value(ds, "StudyInstanceUID", "") or path.stem)
+        identifier = next((str(value) for value in (header_value(ds, tag, "") for tag in PATIENT_TAGS) if value),
+                          None)
     except UnreadableImageError as error:
         raise UnreadableImageError(f"{path.name}: {error}") from error
-    return salted_hash(identifier)
+    return None if identifier is None else salted_hash(identifier)
 
 
 def is_grey_ct(ds: pydicom.Dataset) -> bool:
@@ -270,7 +290,7 @@ def read_ct_slice(path: Path) -> np.ndarray:
 
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
@@ -281,9 +301,17 @@ def image_suffix(path: Path) -> str:
 
 
 def percentile_uint8(values: np.ndarray, low_percentile: float = 1.0, high_percentile: float = 99.0) -> np.ndarray:
-    """Scale intensities to uint8 between two percentiles of `values` (MR has no absolute unit)."""
+    """Scale intensities to uint8 between two percentiles of `values` (MR has no absolute unit).
+
+    The percentiles come from the finite values only; NaN and -inf show as the low end, +inf as the high
+    end (one NaN voxel would otherwise turn every percentile, and so the whole volume, into NaN)."""
     values = np.asarray(values, dtype=np.float32)
-    low, high = np.percentile(values, [low_percentile, high_percentile])
+    finite = np.isfinite(values)
+    if not finite.any():
+        raise UnreadableImageError("no finite pixel value")
+    low, high = np.percentile(values if finite.all() else values[finite], [low_percentile, high_percentile])
+    if not finite.all():
+        values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
     scaled = np.clip((values - low) / max(float(high - low), 1e-6), 0.0, 1.0)
     return np.round(scaled * 255.0).astype(np.uint8)
 
@@ -293,11 +321,20 @@ def three_channels(grey: np.ndarray) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
+# PIL modes of grey images deeper than 8 bits (16-bit PNG and TIFF, 32-bit integer or float TIFF)
+DEEP_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
 def read_photo(path: Path) -> np.ndarray:
-    """A JPEG or PNG as an RGB uint8 array."""
+    """A JPEG, PNG or TIFF as an RGB uint8 array. Grey images deeper than 8 bits (exported X-ray or MR)
+    are normalised by their own percentiles like MR, not clipped at 255 as PIL's RGB conversion does."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            if image.mode in DEEP_GREY_MODES:
+                return three_channels(percentile_uint8(np.array(image)))
+            return np.array(image.convert("RGB"))
+    except UnreadableImageError as error:
+        raise UnreadableImageError(f"{path.name}: {error}") from error
     except Exception as error:
         raise UnreadableImageError(f"{path.name}: not a decodable image ({type(error).__name__})") from error
 
@@ -353,7 +390,10 @@ def normalised_volume(path: Path) -> np.ndarray:
         raise UnreadableImageError(f"{path.name}: not a readable NIfTI volume ({type(error).__name__})") from error
     if volume.ndim not in (3, 4):
         raise UnreadableImageError(f"{path.name}: expected a 3-D or 4-D volume, got shape {volume.shape}")
-    return percentile_uint8(volume)
+    try:
+        return percentile_uint8(volume)
+    except UnreadableImageError as error:
+        raise UnreadableImageError(f"{path.name}: {error}") from error
 
 
 def nifti_slice_count(path: Path) -> tuple[int, int]:

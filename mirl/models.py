@@ -6,6 +6,7 @@ the same key names.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -83,42 +84,81 @@ STOCHASTIC_LAYERS = (nn.Dropout, nn.Dropout2d, torchvision.ops.StochasticDepth)
 MIN_VALUES_PER_GROUP = 16
 
 
+def _side_by_side(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N / groups * H * W, groups * C): the channels of the batch's `groups` equal
+    chunks side by side, so each (chunk, channel) pair is one column of a batch-norm kernel."""
+    return x.permute(0, 2, 3, 1).reshape(groups, -1, x.shape[1]).transpose(0, 1).reshape(-1, groups * x.shape[1])
+
+
+def _back_to_images(columns: torch.Tensor, like: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of `_side_by_side`, in channels_last layout (a tensor of its own, not a view, so that
+    in-place layers may follow)."""
+    images = torch.empty(like.shape, dtype=columns.dtype, device=columns.device, memory_format=torch.channels_last)
+    images.permute(0, 2, 3, 1).view(groups, -1, like.shape[1]).copy_(columns.view(-1, groups, like.shape[1])
+                                                                     .transpose(0, 1))
+    return images
+
+
+class _GroupBatchNorm(torch.autograd.Function):
+    """Batch norm of each of `groups` equal chunks of a batch, all in one call of the native kernel (and
+    one of its backward): a Python loop of one call per chunk, or autograd through a generic reduction,
+    made batch norm the largest cost of a MoCo step.
+
+    The running statistics move towards the mean of the chunks' statistics, as fb/moco's single-GPU
+    split BN keeps them (and as each GPU's BN does under shuffle-BN, each from its own share).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
+                running_var: torch.Tensor, groups: int, momentum: float, eps: float) -> torch.Tensor:
+        ctx.set_materialize_grads(False)
+        columns = _side_by_side(x, groups)
+        weights, means, variances = (torch.cat([t] * groups) for t in (weight, running_mean, running_var))
+        out, mean, invstd = torch.native_batch_norm(columns, weights, torch.cat([bias] * groups), means, variances,
+                                                    True, momentum, eps)
+        for running, updated in ((running_mean, means), (running_var, variances)):
+            torch.sum(updated.view(groups, -1), 0, out=running).div_(groups)
+        ctx.save_for_backward(columns, weights, mean, invstd)
+        ctx.groups, ctx.eps = groups, eps
+        return _back_to_images(out, x, groups)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        columns, weights, mean, invstd = ctx.saved_tensors
+        groups = ctx.groups
+        grad_columns, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            _side_by_side(grad, groups), columns, weights, None, None, mean, invstd, True, ctx.eps,
+            [True, True, True])
+        return (_back_to_images(grad_columns, grad, groups), grad_weight.view(groups, -1).sum(0),
+                grad_bias.view(groups, -1).sum(0), None, None, None, None, None)
+
+
 class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics are computed separately on `splits` chunks of the batch.
 
     The single-device stand-in for MoCo's shuffle-BN: with the key batch shuffled, query and key
-    of a pair land in different BN groups, as they would on different GPUs. Running statistics
-    are updated once per step from the whole batch.
+    of a pair land in different BN groups, as they would on different GPUs. The running statistics
+    follow the mean of the groups' statistics, as each GPU's would follow its own share.
     """
 
     def __init__(self, num_features: int, splits: int) -> None:
         super().__init__(num_features)
         self.splits = splits
 
+    def groups_for(self, batch: int, values_per_image: int) -> int:
+        """How many equal groups a batch of `batch` images is normalised in: at most `splits`, each of at
+        least two images and MIN_VALUES_PER_GROUP values per channel (with two images at 1 x 1, a small
+        input's last stage, a group would normalise 2 numbers and gradients explode), dividing the batch."""
+        most = min(self.splits, batch // 2, batch * values_per_image // MIN_VALUES_PER_GROUP)
+        return next(g for g in range(max(1, most), 0, -1) if batch % g == 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.splits <= 1:
+        groups = self.groups_for(x.shape[0], math.prod(x.shape[2:])) if self.training else 1
+        if groups == 1:
             return super().forward(x)
-        # each group needs enough values per channel for its statistics to mean something: with two
-        # images at 1 x 1 (a small input's last stage) a group normalises 2 numbers and gradients explode
-        values_per_image = x[0, 0].numel()
-        most_groups = min(x.shape[0] // 2, x.shape[0] * values_per_image // MIN_VALUES_PER_GROUP)
-        groups = x.chunk(max(1, min(self.splits, most_groups)))
-        # momentum 1 makes batch_norm leave each group's mean and unbiased variance in its buffers, so the
-        # whole batch's statistics come without another pass over x (a separate x.var took 40 % of a step)
-        means = [torch.zeros_like(self.running_mean) for _ in groups]
-        variances = [torch.ones_like(self.running_var) for _ in groups]
-        chunks = [F.batch_norm(group, mean, var, self.weight, self.bias, True, 1.0, self.eps)
-                  for group, mean, var in zip(groups, means, variances)]
-        with torch.no_grad():
-            counts = torch.tensor([g.numel() // g.shape[1] for g in groups], dtype=self.running_mean.dtype,
-                                  device=x.device)[:, None]
-            means, variances = torch.stack(means), torch.stack(variances)
-            mean = (counts * means).sum(0) / counts.sum()
-            squares = ((counts - 1) * variances + counts * (means - mean) ** 2).sum(0)
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(squares / (counts.sum() - 1), self.momentum)
-            self.num_batches_tracked += 1
-        return torch.cat(chunks)
+        self.num_batches_tracked.add_(1)
+        return _GroupBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, groups,
+                                     self.momentum, self.eps)
 
 
 def projection_head(kind: str, in_dim: int, out_dim: int = 128) -> nn.Module:
@@ -141,6 +181,11 @@ class MomentumQueue(nn.Module):
     unit vectors instead; on a dataset of similar-looking scans those are such easy negatives that
     the cheapest way to lower the loss is to map every image to one point, and training collapses
     before the queue has filled with real keys.
+
+    Enqueued keys wait until the next `negatives()` (or `state_dict()`) to enter the buffer: by then the
+    step that used the buffer has run its backward, so `negatives()` can hand out the buffer itself
+    instead of a copy (fb/moco clones the whole queue every step). How full the queue is lives on the
+    host too, so no step waits for the device to say it.
     """
 
     def __init__(self, dim: int, size: int, label_dim: int = 0) -> None:
@@ -149,18 +194,41 @@ class MomentumQueue(nn.Module):
         self.register_buffer("labels", torch.zeros(size, label_dim))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._host_filled: int | None = 0
+        self._register_load_state_dict_pre_hook(self._forget_host_count)
 
     def negatives(self) -> torch.Tensor:
-        """The keys enqueued so far (all K once the queue has wrapped around), as a copy."""
-        return self.keys[:int(self.filled)].clone()
+        """The keys enqueued so far (all K once the queue has wrapped around): a view of the buffer, valid
+        until the next `negatives()`."""
+        self._flush()
+        return self.keys[:self._count()]
 
     def negative_labels(self) -> torch.Tensor:
         """The label vectors of `negatives()`, row for row."""
-        return self.labels[:int(self.filled)].clone()
+        self._flush()
+        return self.labels[:self._count()]
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """Overwrite the oldest entries with `keys` (only the newest K if more than K are given)."""
+        """Let `keys` replace the oldest entries (only the newest K if more than K are given)."""
+        self._flush()
+        self._pending = (keys.detach(), None if labels is None else labels.detach())
+
+    def _count(self) -> int:
+        if self._host_filled is None:  # after loading a state: asked of the device once
+            self._host_filled = int(self.filled)
+        return self._host_filled
+
+    def _forget_host_count(self, *_: object) -> None:
+        self._pending, self._host_filled = None, None
+
+    @torch.no_grad()
+    def _flush(self) -> None:
+        if self._pending is None:
+            return
+        keys, labels = self._pending
+        self._pending = None
         size = self.keys.shape[0]
         keys = keys[-size:]
         slots = (self.pointer + torch.arange(keys.shape[0], device=keys.device)) % size
@@ -169,6 +237,11 @@ class MomentumQueue(nn.Module):
             self.labels[slots] = labels[-size:].to(self.labels.dtype)
         self.pointer.copy_((self.pointer + keys.shape[0]) % size)
         self.filled.copy_(torch.clamp(self.filled + keys.shape[0], max=size))
+        self._host_filled = min(self._count() + keys.shape[0], size)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        self._flush()  # a saved state holds every key enqueued so far
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
 
 def jaccard_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -24,25 +24,32 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        # every parameter group in a handful of foreach calls (one kernel per group on a GPU), not a few
+        # calls per parameter
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if group["lars"]:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    weight_norm, update_norm = torch.norm(p), torch.norm(update)
-                    trust = torch.where((weight_norm > 0) & (update_norm > 0),
-                                        group["trust_coefficient"] * weight_norm / update_norm,
-                                        torch.ones_like(weight_norm))
-                    update = update.mul(trust)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(update).detach()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            updates = [p.grad for p in params]
+            if group["lars"]:
+                updates = torch._foreach_add(updates, params, alpha=group["weight_decay"])
+                weight_norms = torch.stack(torch._foreach_norm(params))
+                update_norms = torch.stack(torch._foreach_norm(updates))
+                trust = torch.where((weight_norms > 0) & (update_norms > 0),
+                                    group["trust_coefficient"] * weight_norms / update_norms,
+                                    torch.ones_like(weight_norms))
+                torch._foreach_mul_(updates, list(trust.unbind()))
+            # a parameter's first step starts its momentum buffer at the update; later steps decay it
+            started = [(p, u) for p, u in zip(params, updates) if "momentum_buffer" in self.state[p]]
+            for p, update in zip(params, updates):
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.clone(update).detach()
+            if started:
+                buffers = [self.state[p]["momentum_buffer"] for p, _ in started]
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, [u for _, u in started])
+            torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
         return loss
 
 

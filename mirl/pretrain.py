@@ -16,7 +16,7 @@ from mirl import distributed
 from mirl.augment import BatchAugment, recipe_for
 from mirl.cache import open_cache
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
-from mirl.checkpoints import check_same_run
+from mirl.checkpoints import check_same_run, reading_state
 from mirl.engine import RunLog, Trainer, make_loader, open_run, prepare_network, resolve_device, resolve_precision, \
     seed_everything
 from mirl.errors import InputError
@@ -141,29 +141,37 @@ def build_model(method: MethodSpec, args: argparse.Namespace, queue_label_dim: i
     return SimCLR(args.arch, temperature=args.temperature)
 
 
+def learning_rate(method: MethodSpec, args: argparse.Namespace) -> float:
+    """`--lr`, else the method's rate per 256 images scaled linearly to the global batch."""
+    return args.lr if args.lr is not None else method.lr_per_256 * args.batch_size * distributed.world_size() / 256
+
+
 def build_optimizer(model: nn.Module, method: MethodSpec, args: argparse.Namespace) -> torch.optim.Optimizer:
-    global_batch = args.batch_size * distributed.world_size()
-    lr = args.lr if args.lr is not None else method.lr_per_256 * global_batch / 256
+    lr = learning_rate(method, args)
     if args.optimizer == "lars":
         return LARS(lars_parameter_groups(model), lr=lr, weight_decay=method.weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=method.weight_decay)
+    # fused: one kernel for every parameter's update instead of a few calls per parameter
+    return torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=method.weight_decay, fused=True)
 
 
 def pretrain(description: DatasetDescription, method_name: str, args: argparse.Namespace) -> None:
     """Pretrain an encoder. `checkpoint.pth` is always the newest training state; its `encoder` loads
     into the plain torchvision model. `--resume` continues a run exactly where a state left it."""
     method = METHODS[method_name]
+    device = resolve_device(args.device)
+    distributed.init_from_environment(device)  # first: the run's identity holds the world size
     store, resume_from, resumed = open_run(args.output_dir, args.keep, publish=True, resume=args.resume)
     if resumed is not None and args.arch is None:
         args.arch = resumed.get("arch")
     args.arch = args.arch or "resnet50"
     identity = {"method": method.name, "dataset": description.name, "arch": args.arch,
                 "batch_size": args.batch_size, "image_size": args.image_size, "world_size": distributed.world_size(),
-                "supervised_fraction": args.fraction if args.supervised else None}
+                "supervised_fraction": args.fraction if args.supervised else None,
+                # the schedule follows from these: a resumed run with others would silently train another one
+                "lr": learning_rate(method, args), "epochs": args.epochs}
     if resumed is not None:  # before listing the data: a state of another run is refused at once
         check_same_run(resumed, identity, resume_from)
-    device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     records, monitor_sets = pretraining_records(description, args)
     # the default queue size follows from the number of images, so it is checked once they are listed
@@ -173,7 +181,6 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     if resumed is not None:
         check_same_run(resumed, {"queue_size": identity["queue_size"]}, resume_from)
 
-    distributed.init_from_environment(device)
     seed_everything(args.seed, args.deterministic)
     supervised = args.supervised
     # label-aware MoCo: the label vectors gain a "no finding" class, and the queue keeps them
@@ -181,12 +188,19 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     model = prepare_network(build_model(method, args, queue_label_dim), device, args.channels_last, args.compile)
     core = model
     if resumed is not None:
-        core.load_state_dict(resumed["model"])
+        with reading_state(resume_from):
+            core.load_state_dict(resumed["model"])
     if distributed.is_distributed():
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # every rank enqueues the same gathered keys, so the queue (32 MB at K = 65,536) is not broadcast each
+        # step; each rank's BatchNorm keeps its own running statistics, as under fb/moco, and rank 0's are saved
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
     cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers) if args.cache else None
     dataset = ImageDataset(records, args.image_size, queue_label_dim or len(description.classes), cache)
     loader = make_loader(dataset, args.batch_size, args.workers, shuffle=True, drop_last=True, seed=args.seed)
+    if len(loader) == 0:
+        raise InputError(f"--batch-size {args.batch_size} is more than the {len(loader.sampler)} pretraining images "
+                         f"of this process: an epoch would have no full batch; use a smaller --batch-size")
     optimizer = build_optimizer(model, method, args)
     total_steps = args.epochs * len(loader)
     warmup = min(method.warmup_epochs * len(loader), total_steps // 10)
@@ -227,6 +241,7 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
 
     trainer = Trainer(step_loss, loader, optimizer, scheduler, device, precision, store, args.save_every, snapshot)
     if resumed is not None:
-        trainer.restore(resumed, resume_from)
+        with reading_state(resume_from):
+            trainer.restore(resumed, resume_from)
     trainer.fit(args.epochs, log, end_of_epoch, train_mode=model.train)
     log.close()

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mirl.datasets import DATASETS, DatasetDescription, ImageRecord
-from mirl.engine import atomic_write_text
+from mirl.engine import atomic_write_text, prove_writable
 from mirl.errors import DataError, InputError
 
 FRACTIONS = (100, 50, 20, 10, 5, 1)
@@ -99,7 +99,9 @@ def label_fraction_split(labels: np.ndarray, groups: list[str], seed: int = SPLI
 
 
 def read_split(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    """The image ids of a split file, one per line, exactly as written (an id may begin with a space)."""
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")  # ids from file names that are not UTF-8
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def make_splits(description: DatasetDescription, records: list[ImageRecord], split_dir: Path) -> None:
@@ -107,9 +109,14 @@ def make_splits(description: DatasetDescription, records: list[ImageRecord], spl
 
     The split is deterministic and each file is replaced atomically, so several torchrun processes that
     all find the files missing write the same bytes and none of them can read a half-written file."""
+    prove_writable(split_dir, "--split-dir")  # before reading every file's patient
     groups = [description.patient_group(r) for r in tqdm(records, desc="reading patients for splits", unit="img")]
+    nameless = sum(group is None for group in groups)
+    if nameless:
+        print(f"warning: {nameless} of {len(records)} images name no patient (no PatientID, StudyInstanceUID or "
+              "SeriesInstanceUID); each of them is its own patient in the splits", file=sys.stderr)
+    groups = [group if group is not None else f"image:{r.image_id}" for group, r in zip(groups, records)]
     labels = np.stack([r.labels for r in records])
-    split_dir.mkdir(parents=True, exist_ok=True)
     for name, indices in label_fraction_split(labels, groups).items():
         atomic_write_text(split_dir / f"{name}.txt", "".join(f"{records[i].image_id}\n" for i in indices))
 

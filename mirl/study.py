@@ -21,8 +21,8 @@ import torch
 from matplotlib.figure import Figure
 from scipy import stats
 
-from mirl.cli import OneLineParser, StudyStopped, bound_dataset, downstream_script, guarded, positive_int, \
-    pretrain_script
+from mirl.cli import OneLineParser, StudyStopped, batch_size, bound_dataset, downstream_script, guarded, image_size, \
+    non_negative_int, positive_int, pretrain_script
 from mirl.datasets import DATASETS, DatasetDescription
 from mirl.metrics import primary_metric, reported_metrics
 from mirl.models import ENCODERS
@@ -211,13 +211,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="columns to run (default: the three methods and the supervised baseline; "
                              "moco_efficient, moco_super and mocov2_super add the published table's others)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0])
     parser.add_argument("--arch", choices=sorted(ENCODERS), default="resnet50")
-    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--image-size", type=image_size, default=224)
     parser.add_argument("--epochs", type=positive_int, default=None, help="pretraining epochs (method default)")
     parser.add_argument("--downstream-epochs", type=positive_int, default=None, help="default: the scripts'")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="pretraining batch")
-    parser.add_argument("--downstream-batch-size", type=positive_int, default=None, help="default: --batch-size")
+    parser.add_argument("--batch-size", type=batch_size, default=256, help="pretraining batch")
+    parser.add_argument("--downstream-batch-size", type=batch_size, default=None, help="default: --batch-size")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--queue-size", type=positive_int, default=None, help="MoCo queue (default: the scripts' rule, a power of two <= images / 4)")

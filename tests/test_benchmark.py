@@ -4,12 +4,15 @@ import json
 
 import pytest
 import torch
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 
 from mirl.benchmark import LoopMomentumMoCo, main
 from mirl.models import MoCo
 
 FIGURES = ("model_only_per_s", "pipeline_per_s", "efficiency", "baseline_per_s", "speedup_vs_baseline",
-           "decode_per_s", "cache_read_per_s", "peak_memory_mb")
+           "decode_per_s", "cache_read_per_s", "peak_memory_mb", "gflop_per_item", "matmul_tflop_per_s", "mfu",
+           "operator_calls_per_step")
 
 
 def test_benchmark_writes_every_figure(rsna_root, tmp_path):
@@ -23,6 +26,12 @@ def test_benchmark_writes_every_figure(rsna_root, tmp_path):
     assert figures["efficiency"] == pytest.approx(figures["pipeline_per_s"] / figures["model_only_per_s"])
     assert figures["speedup_vs_baseline"] == pytest.approx(figures["pipeline_per_s"] / figures["baseline_per_s"])
     assert figures["settings"]["arch"] == "resnet18" and figures["unit"] == "image pairs/s"
+    assert figures["mfu"] == pytest.approx(
+        figures["pipeline_per_s"] * figures["gflop_per_item"] / (1e3 * figures["matmul_tflop_per_s"]))
+    # a MoCo pair costs the query's forward and backward (3 forwards) and the key's forward: 4 encoder forwards
+    with FlopCounterMode(display=False) as counter:
+        torchvision.models.resnet18().eval()(torch.randn(1, 3, 32, 32))
+    assert 3.9 < figures["gflop_per_item"] * 1e9 / counter.get_total_flops() < 4.3
 
 
 def test_reference_momentum_loop_matches_the_fused_update():

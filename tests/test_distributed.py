@@ -2,17 +2,21 @@
 scripts run under torchrun."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mirl import distributed
+from mirl.engine import readable_batch, resolve_device
 from mirl.models import MoCo, SimCLR
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, assert_one_line_error
 
 B = 4
 
@@ -50,7 +54,8 @@ def moco_rank(rank: int, port: int, out: str) -> None:
     im_q, im_k = images(2)
     mine = slice(rank * B, (rank + 1) * B)
     model(im_q[mine], im_k[mine])
-    torch.save({"keys": model.queue.keys.clone(), "filled": model.queue.filled.clone()}, f"{out}.{rank}")
+    state = model.queue.state_dict()
+    torch.save({"keys": state["keys"], "filled": state["filled"]}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
@@ -101,3 +106,54 @@ def test_scripts_run_under_torchrun_and_only_rank_0_writes(rsna_root, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "down" / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["auc_macro"] <= 1.0
+
+
+def torchrun(folder: str, script: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           script, *map(str, args)], cwd=REPO / folder, capture_output=True, text=True, timeout=600)
+
+
+def test_each_rank_uses_its_own_gpu_before_the_process_group_starts(monkeypatch):
+    """torchrun's LOCAL_RANK picks the GPU, and it becomes the current device before NCCL starts (without it every
+    rank's object collectives land on GPU 0)."""
+    calls = []
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    device = resolve_device("auto")
+    distributed.init_from_environment(device)
+    assert device == torch.device("cuda", 3)
+    assert calls == [("set_device", torch.device("cuda", 3)), ("init", "nccl")]
+
+
+def test_unreadable_images_are_replaced_by_readable_ones_of_the_batch():
+    images = torch.arange(5).view(5, 1, 1, 1).expand(5, 3, 2, 2).to(torch.uint8)
+    labels = torch.arange(5.0).view(5, 1)
+    ok = torch.tensor([True, False, True, False, False])
+    filled, filled_labels = readable_batch(images, labels, ok)
+    assert filled.shape == images.shape  # every rank keeps the same batch size
+    assert filled[:, 0, 0, 0].tolist() == [0, 0, 2, 2, 0] and filled_labels.flatten().tolist() == [0, 0, 2, 2, 0]
+    assert images[1, 0, 0, 0] == 1  # the loader's batch is not changed in place
+
+
+@pytest.mark.slow
+def test_bad_files_in_one_ranks_share_neither_hang_nor_split_the_ranks(rsna_root, tmp_path):
+    """Unreadable slices land in the ranks' shares unevenly; MoCo's all-gathers must still see equal batches on
+    every rank, and a state of two processes cannot be resumed by one."""
+    data = tmp_path / "data"
+    shutil.copytree(rsna_root, data)
+    slices = sorted((data / "stage_2_train").glob("*.dcm"))
+    corrupted = slices[:40:7]
+    for bad in corrupted:
+        bad.write_bytes(b"not a DICOM")
+    common = ["--data-root", data, "--split-dir", tmp_path / "splits", *TINY, "--batch-size", "8"]
+    result = torchrun("RSNA_MoCo", "trainMoCoV2.py", "--output-dir", tmp_path / "mocov2", *common)
+    assert result.returncode == 0, result.stderr[-2000:]
+    skipped = (tmp_path / "mocov2" / "skipped.csv").read_text().splitlines()[1:]
+    assert skipped and {row.split(",")[1] for row in skipped} <= {str(bad) for bad in corrupted}
+    result = subprocess.run([sys.executable, "trainMoCoV2.py", "--output-dir", tmp_path / "mocov2", "--resume", "auto",
+                             *map(str, common), "--epochs", "2"], cwd=REPO / "RSNA_MoCo", capture_output=True,
+                            text=True, timeout=600)
+    assert_one_line_error(result, "world_size")

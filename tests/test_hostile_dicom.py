@@ -462,7 +462,8 @@ def test_bad_files_are_skipped_with_a_short_message_naming_the_file(name, corpus
 def test_patient_grouping_reads_or_skips_every_file(corpus):
     for path in sorted(corpus.iterdir()):
         try:
-            assert len(dicom_patient_group(path)) == 16
+            group = dicom_patient_group(path)
+            assert group is None or len(group) == 16
         except UnreadableImageError as error:
             assert path.name in str(error)
 

@@ -2,6 +2,7 @@
 values computed by hand."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -17,8 +18,9 @@ def test_queue_wraps_around_for_any_size_and_batch():
     queue.enqueue(first)
     queue.enqueue(second)
     expected = torch.stack([second[2], first[1], first[2], second[0], second[1]])
-    assert torch.equal(queue.keys, expected)
-    assert queue.pointer.item() == 1 and queue.filled.item() == 5
+    assert torch.equal(queue.negatives(), expected)
+    state = queue.state_dict()
+    assert torch.equal(state["keys"], expected) and state["pointer"].item() == 1 and state["filled"].item() == 5
 
 
 def test_only_enqueued_keys_are_negatives():
@@ -28,13 +30,13 @@ def test_only_enqueued_keys_are_negatives():
     loss, logits = model(images, images)
     assert logits.shape == (4, 1) and loss.item() == 0.0  # an empty queue offers no negative yet
     _, logits = model(images, images)
-    assert logits.shape == (4, 5) and model.queue.filled.item() == 8
+    assert logits.shape == (4, 5) and model.queue.state_dict()["filled"].item() == 8
 
 
 def test_queue_keeps_only_the_newest_when_batch_exceeds_size():
     queue = MomentumQueue(dim=1, size=3)
     queue.enqueue(torch.arange(7.0).view(7, 1))
-    assert sorted(queue.keys.flatten().tolist()) == [4.0, 5.0, 6.0]
+    assert sorted(queue.negatives().flatten().tolist()) == [4.0, 5.0, 6.0]
 
 
 def test_momentum_update_by_hand():
@@ -74,7 +76,7 @@ def test_infonce_logits_and_loss_by_hand():
     torch.manual_seed(0)
     model = MoCo("resnet18", queue_size=8, temperature=0.07, momentum=0.0, bn_splits=1).eval()
     model.queue.enqueue(F.normalize(torch.randn(8, 128), dim=1))
-    queue_before = model.queue.keys.clone()
+    queue_before = model.queue.negatives().clone()
     im_q, im_k = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     loss, logits = model(im_q, im_k)
     with torch.no_grad():
@@ -87,8 +89,9 @@ def test_infonce_logits_and_loss_by_hand():
         by_hand.append(-math.log(positive / (positive + negatives)))
     assert logits.shape == (4, 9)
     assert abs(loss.item() - sum(by_hand) / 4) < 1e-3
-    torch.testing.assert_close(model.queue.keys[:4], k, rtol=1e-4, atol=1e-5)  # keys enqueued after the loss
-    torch.testing.assert_close(model.queue.keys[4:], queue_before[4:])
+    queue_after = model.queue.negatives()
+    torch.testing.assert_close(queue_after[:4], k, rtol=1e-4, atol=1e-5)  # keys enqueued after the loss
+    torch.testing.assert_close(queue_after[4:], queue_before[4:])
 
 
 def test_nt_xent_against_the_direct_formula():
@@ -121,8 +124,40 @@ def test_split_batchnorm_normalises_each_group_separately():
         mean = chunk_in.mean(dim=(0, 2, 3), keepdim=True)
         var = chunk_in.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
         torch.testing.assert_close(chunk_out, (chunk_in - mean) / torch.sqrt(var + bn.eps))
+    # running statistics follow the groups' mean statistics, as fb/moco's split BN keeps them
+    group_vars = torch.stack([c.var(dim=(0, 2, 3), unbiased=True) for c in x.chunk(2)])
     torch.testing.assert_close(bn.running_mean, 0.1 * x.mean(dim=(0, 2, 3)))
-    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * x.var(dim=(0, 2, 3), unbiased=True))
+    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * group_vars.mean(0))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_batchnorm_gradients_equal_one_batchnorm_per_group(channels_last):
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(5, splits=4).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(12, 5, 3, 3) * 2 + 0.5  # 12 images in 4 splits of 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    target = torch.randn(12, 5, 3, 3)
+    (bn(x) * target).sum().backward()
+    reference = x.detach().clone().requires_grad_()
+    weight, bias = bn.weight.detach().clone().requires_grad_(), bn.bias.detach().clone().requires_grad_()
+    out = torch.cat([F.batch_norm(chunk, None, None, weight, bias, True, 0.0, bn.eps) for chunk in reference.chunk(4)])
+    (out * target).sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.weight.grad, weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.bias.grad, bias.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_split_batchnorm_groups_divide_the_batch_and_keep_enough_values():
+    bn = SplitBatchNorm2d(4, splits=8)
+    assert bn.groups_for(256, 49) == 8
+    assert bn.groups_for(30, 49) == 6  # the largest number of equal groups up to 8
+    assert bn.groups_for(16, 1) == 1  # 1 x 1 maps: 16 values per channel at most, one group
+    assert bn.groups_for(7, 100) == 1  # a prime batch stays one group
 
 
 def test_encoder_state_loads_into_plain_torchvision_model():

@@ -12,6 +12,7 @@ from mirl.datasets import (ACDC, ISIC, RSNA_CLASSES, decode_record, find_images,
                            read_rsna_labels)
 from mirl.errors import DataError
 from mirl.metrics import evaluate, patient_vote_accuracy
+from mirl.sample_data import write_rsna
 
 
 def write_rsna_csv(path, rows):
@@ -137,3 +138,12 @@ def test_patient_vote_by_hand():
     assert patient_vote_accuracy(truth, probability, patients) == pytest.approx(2 / 3)
     metrics = evaluate(truth, probability, classes, multilabel=False, patients=patients)
     assert metrics["patient_accuracy"] == pytest.approx(2 / 3) and metrics["n_patients"] == 3
+
+
+def test_rsna_sample_data_is_the_same_written_by_several_processes(tmp_path):
+    one = write_rsna(tmp_path / "one", patients=4, size=32, seed=5)
+    two = write_rsna(tmp_path / "two", patients=4, size=32, seed=5, workers=2)
+    files = sorted(p.name for p in (one / "stage_2_train").iterdir())
+    assert files and files == sorted(p.name for p in (two / "stage_2_train").iterdir())
+    assert all((one / "stage_2_train" / f).read_bytes() == (two / "stage_2_train" / f).read_bytes() for f in files)
+    assert (one / "stage_2_train.csv").read_text() == (two / "stage_2_train.csv").read_text()
