@@ -273,12 +273,12 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mirl.cli import OneLineParser, guarded, positive_int
+    from mirl.cli import OneLineParser, batch_size, guarded, image_size, positive_int
     parser = OneLineParser(prog="python -m mirl.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=sorted(METHODS), default="mocov2")
     parser.add_argument("--arch", default="resnet50")
-    parser.add_argument("--image-size", type=positive_int, default=224)
-    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--image-size", type=image_size, default=224)
+    parser.add_argument("--batch-size", type=batch_size, default=256)
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps of each kind")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))

@@ -169,7 +169,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     if args.frozen:
         grid = architecture.output_layer(model)
         optimizer = torch.optim.SGD([{"params": list(h.parameters()), "lr": lr} for h, lr in zip(grid.heads, probe_lrs)],
-                                    lr=probe_lrs[0], momentum=0.9, weight_decay=0.0, fused=True)
+                                    lr=probe_lrs[0], momentum=0.9, weight_decay=0.0)
     else:
         head_lr = args.lr or FINETUNE_LR
         # a randomly initialised encoder has no features to protect: it always trains at the head's rate
@@ -178,7 +178,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
         groups = [{"params": [p for n, p in model.named_parameters() if n.startswith(head)], "lr": head_lr},
                   {"params": [p for n, p in model.named_parameters() if not n.startswith(head)],
                    "lr": head_lr * encoder_scale}]
-        optimizer = torch.optim.AdamW(groups, lr=head_lr, weight_decay=1e-4, fused=True)
+        optimizer = torch.optim.AdamW(groups, lr=head_lr, weight_decay=1e-4)
 
     cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers) if args.cache else None
 

@@ -16,7 +16,7 @@ from sklearn.manifold import TSNE
 
 from mirl.cli import OneLineParser, guarded, image_size, positive_int
 from mirl.datasets import DATASETS
-from mirl.checkpoints import load_checkpoint
+from mirl.checkpoints import load_checkpoint, reading_state
 from mirl.engine import resolve_device, resolve_precision
 from mirl.errors import CheckpointError
 from mirl.models import ENCODERS, build_encoder
@@ -27,14 +27,16 @@ from mirl.splits import load_splits
 def encoder_from_checkpoint(path: Path) -> tuple[torch.nn.Module, str]:
     """The encoder of a MIRL checkpoint, and the dataset it was trained on."""
     checkpoint = load_checkpoint(path)
-    if not isinstance(checkpoint, dict) or checkpoint.get("arch") not in ENCODERS:
+    arch = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
+    if not isinstance(arch, str) or arch not in ENCODERS:
         raise CheckpointError(f"{path} is not a MIRL checkpoint with a known architecture")
-    head = ENCODERS[checkpoint["arch"]].classifier_prefix
-    weights = checkpoint.get("encoder") or {k: v for k, v in checkpoint.get("model", {}).items()
-                                            if not k.startswith(head)}
-    encoder, _ = build_encoder(checkpoint["arch"])
-    encoder.load_state_dict(weights)
-    return encoder, checkpoint.get("dataset", "")
+    head = ENCODERS[arch].classifier_prefix
+    encoder, _ = build_encoder(arch)
+    with reading_state(path):
+        weights = checkpoint.get("encoder") or {k: v for k, v in checkpoint.get("model", {}).items()
+                                                if not k.startswith(head)}
+        encoder.load_state_dict(weights)
+    return encoder, str(checkpoint.get("dataset", ""))
 
 
 def class_of(labels: np.ndarray, classes: tuple[str, ...]) -> list[str]:

@@ -316,6 +316,7 @@ def test_a_disk_filling_up_during_a_save_leaves_no_partial_file(rsna_root, tmp_p
     ("--batch-size", "1", ("--batch-size", "at least 2")),
     ("--seed", "-1", ("--seed",)),
     ("--image-size", "1", ("--image-size", "at least 32")),
+    ("--lr", "inf", ("--lr", "finite")),
 ])
 def test_impossible_numbers_are_one_line(rsna_root, tmp_path, capsys, flag, value, words):
     with pytest.raises(SystemExit) as stopped:
@@ -346,6 +347,22 @@ def test_a_pretraining_checkpoint_with_a_bad_field_is_one_line(finished, rsna_ro
     result = run_entry(capsys, "RSNA_MoCo", "MoCov2_downstream.py", "--pretrained", tmp_path / "bad.pth",
                        "--data-root", rsna_root, "--output-dir", tmp_path / "out", *TINY)
     assert_one_line_error(result, *words)
+
+
+@pytest.mark.parametrize("change", [
+    lambda c: c.update(arch=["resnet18"]),
+    lambda c: c.update(encoder=[1, 2, 3]),
+    lambda c: c["encoder"].update(extra=torch.zeros(1)),
+])
+def test_embed_of_a_checkpoint_with_a_bad_field_is_one_line(finished, rsna_root, tmp_path, capsys, change):
+    from mirl.embed import main as embed_main
+    checkpoint = torch.load(finished / "checkpoint.pth", weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, tmp_path / "bad.pth")
+    assert embed_main([str(tmp_path / "bad.pth"), "--data-root", str(rsna_root), "--split-dir", str(tmp_path / "s"),
+                       "--device", "cpu"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "bad.pth" in lines[0]
 
 
 @pytest.mark.parametrize("change", [
