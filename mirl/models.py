@@ -196,7 +196,7 @@ class MomentumQueue(nn.Module):
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
         self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._host_filled: int | None = 0
-        self._register_load_state_dict_pre_hook(self._forget_host_count)
+        self.register_load_state_dict_pre_hook(self._forget_host_count)
 
     def negatives(self) -> torch.Tensor:
         """The keys enqueued so far (all K once the queue has wrapped around): a view of the buffer, valid

@@ -15,6 +15,7 @@ FIGURES = ("model_only_per_s", "pipeline_per_s", "efficiency", "baseline_per_s",
            "operator_calls_per_step")
 
 
+@pytest.mark.slow
 def test_benchmark_writes_every_figure(rsna_root, tmp_path):
     out = tmp_path / "bench.json"
     assert main(["--method", "mocov2", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8",

@@ -50,6 +50,7 @@ def test_a_changed_source_or_size_makes_a_new_cache_and_bad_files_stay_unreadabl
     assert not after.readable[after.rows[str(victim)]]
 
 
+@pytest.mark.slow
 def test_scripts_train_from_the_cache(rsna_root, tmp_path):
     cache_root = tmp_path / "cache"
     result = run_script("RSNA_MoCo", "trainSimCLR.py", "--data-root", rsna_root, "--output-dir", tmp_path / "run",

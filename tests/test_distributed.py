@@ -59,6 +59,7 @@ def moco_rank(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_simclr_matches_one_process_of_twice_the_batch(tmp_path):
     out = str(tmp_path / "rank0.pt")
     mp.spawn(simclr_rank, args=(free_port(), out), nprocs=2, join=True)
@@ -75,6 +76,7 @@ def test_two_process_simclr_matches_one_process_of_twice_the_batch(tmp_path):
         torch.testing.assert_close(distributed["grads"][name], p.grad, rtol=0, atol=1e-4 * scale + 1e-8, msg=name)
 
 
+@pytest.mark.slow
 def test_two_process_moco_fills_the_queue_with_both_ranks_keys(tmp_path):
     out = str(tmp_path / "queue")
     mp.spawn(moco_rank, args=(free_port(), out), nprocs=2, join=True)
@@ -88,6 +90,7 @@ def test_two_process_moco_fills_the_queue_with_both_ranks_keys(tmp_path):
         torch.testing.assert_close(state["keys"][:2 * B], expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scripts_run_under_torchrun_and_only_rank_0_writes(rsna_root, tmp_path):
     """A user's torchrun command: SimCLR pretraining then its fine-tuning, two gloo processes each."""
     def torchrun(script, *args):

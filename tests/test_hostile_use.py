@@ -85,6 +85,7 @@ def test_sigterm_to_the_whole_process_group_saves_the_state(rsna_root, tmp_path)
 
 # ---------------------------------------------------------------- odd files
 
+@pytest.mark.slow
 def test_a_corrupt_file_whose_name_is_not_utf8_is_skipped_and_listed(tmp_path, capsys):
     root = png_folder(tmp_path / "images")
     bad = root / os.fsdecode(b"bad\xff.png")
@@ -173,6 +174,7 @@ def test_an_image_id_beginning_with_a_space_survives_the_split_files(tmp_path, i
 
 # ---------------------------------------------------------------- unreadable evaluation images
 
+@pytest.mark.slow
 def test_unreadable_validation_and_test_images_are_listed_and_counted(rsna_root, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(rsna_root, data)
@@ -225,6 +227,7 @@ def test_no_identifying_tag_reaches_a_warning(tmp_path, capfd):
 
 # ---------------------------------------------------------------- nothing trained is lost
 
+@pytest.mark.slow
 def test_a_finished_model_is_not_retrained_when_its_states_were_deleted(finished, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)
@@ -235,6 +238,7 @@ def test_a_finished_model_is_not_retrained_when_its_states_were_deleted(finished
     assert (copy / "checkpoint.pth").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_auto_continues_from_the_published_checkpoint(finished, rsna_root, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)
@@ -255,6 +259,7 @@ def test_a_downstream_result_is_not_overwritten(rsna_root, tmp_path, capsys):
     assert (out / "metrics.json").read_text() == "{}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,value", [("--lr", "0.5"), ("--epochs", "3")])
 def test_resuming_with_another_schedule_is_refused(finished, tmp_path, capsys, flag, value):
     copy = tmp_path / "copy"
@@ -263,6 +268,7 @@ def test_resuming_with_another_schedule_is_refused(finished, tmp_path, capsys, f
     assert_one_line_error(run_entry(capsys, "RSNA_MoCo", "trainMoCoV2.py", *args), flag[2:])
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_state_falls_back_to_the_older_one(finished, rsna_root, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)
@@ -297,6 +303,7 @@ def test_a_disk_without_room_for_the_states_is_refused_before_training(rsna_root
     assert not list((tmp_path / "out").glob("checkpoint*"))
 
 
+@pytest.mark.slow
 def test_a_disk_filling_up_during_a_save_leaves_no_partial_file(rsna_root, tmp_path, capsys, monkeypatch):
     real_save = torch.save
 
@@ -339,6 +346,7 @@ def test_a_batch_larger_than_the_data_is_one_line(tmp_path, capsys):
     (lambda c: c.pop("arch"), ("no known architecture",)),
     (lambda c: c.update(encoder=[1, 2, 3]), ("not a mapping of names to tensors",)),
 ])
+@pytest.mark.slow
 def test_a_pretraining_checkpoint_with_a_bad_field_is_one_line(finished, rsna_root, tmp_path, capsys, change,
                                                                words):
     checkpoint = torch.load(finished / "checkpoint.pth", weights_only=True)
@@ -354,6 +362,7 @@ def test_a_pretraining_checkpoint_with_a_bad_field_is_one_line(finished, rsna_ro
     lambda c: c.update(encoder=[1, 2, 3]),
     lambda c: c["encoder"].update(extra=torch.zeros(1)),
 ])
+@pytest.mark.slow
 def test_embed_of_a_checkpoint_with_a_bad_field_is_one_line(finished, rsna_root, tmp_path, capsys, change):
     from mirl.embed import main as embed_main
     checkpoint = torch.load(finished / "checkpoint.pth", weights_only=True)
@@ -370,6 +379,7 @@ def test_embed_of_a_checkpoint_with_a_bad_field_is_one_line(finished, rsna_root,
     lambda s: s["model"].pop(next(iter(s["model"]))),
     lambda s: s.pop("optimizer"),
 ])
+@pytest.mark.slow
 def test_a_training_state_with_missing_or_extra_keys_is_one_line(finished, rsna_root, tmp_path, capsys, change):
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)

@@ -13,6 +13,8 @@ from pydicom.data import get_testdata_file
 
 from conftest import TINY, assert_one_line_error, run_script
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
+
 PRETRAIN = {"moco": ("trainMoCo.py", ["--queue-size", "16"]), "mocov2": ("trainMoCoV2.py", ["--queue-size", "16"]),
             "simclr": ("trainSimCLR.py", [])}
 DOWNSTREAM = {"moco": "MoCo_downstream.py", "mocov2": "MoCov2_downstream.py", "simclr": "SimCLR_downstream.py"}

@@ -124,6 +124,7 @@ def test_efficientnet_encoder_loads_into_plain_torchvision(tmp_path):
 TINY = ["--image-size", "32", "--batch-size", "32", "--workers", "0", "--epochs", "1", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_label_aware_and_efficientnet_pretraining_then_fine_tuning(rsna_root, tmp_path):
     """Both of issue 7's pretrainings end to end on multi-label RSNA, and their checkpoints fine-tune."""
     common = ["--data-root", rsna_root, "--split-dir", tmp_path / "splits", *TINY]
@@ -162,6 +163,7 @@ def test_label_aware_pretraining_sees_only_the_fractions_labels(dataset, root, r
         assert {r.image_id for r in with_labels} == train
 
 
+@pytest.mark.slow
 def test_study_runs_the_published_tables_extra_columns(rsna_root, tmp_path):
     out = tmp_path / "study"
     assert study.main(["rsna", "--data-root", str(rsna_root), "--output-dir", str(out), "--fractions", "50",

@@ -65,6 +65,7 @@ def test_the_study_stops_on_a_bad_csv_before_training(isic_root, tmp_path, capsy
     assert not (tmp_path / "out" / "pretrain").exists()
 
 
+@pytest.mark.slow
 def test_the_study_runs_on_own_labels_with_patients_kept_together(isic_root, tmp_path):
     path = own_labels(isic_root, tmp_path / "labels.csv")
     out = tmp_path / "out"

@@ -95,6 +95,7 @@ def test_a_queue_as_large_as_the_data_is_refused():
     assert checked_queue_size(None, 500) == 64
 
 
+@pytest.mark.slow
 def test_pretraining_records_its_queue_and_refuses_one_that_holds_the_data(isic_root, tmp_path, capsys):
     result = run_script("ISIC", "trainMoCoV2.py", "--data-root", isic_root, "--output-dir", tmp_path / "run",
                         "--split-dir", tmp_path / "splits", "--knn-images", "0", *TINY)
@@ -159,6 +160,7 @@ def isic_pretrained(isic_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_the_linear_probe_chooses_its_rate_on_validation(isic_root, isic_pretrained):
     out = isic_pretrained
     result = run_script("ISIC", "MoCov2_downstream.py", "--data-root", isic_root, "--split-dir", out / "splits",
@@ -174,6 +176,7 @@ def test_the_linear_probe_chooses_its_rate_on_validation(isic_root, isic_pretrai
     torchvision.models.resnet18(num_classes=9).load_state_dict(checkpoint["model"])
 
 
+@pytest.mark.slow
 def test_fine_tuning_warms_up_with_the_encoder_rate_chosen_on_validation(isic_root, isic_pretrained):
     out = isic_pretrained
     runs = {"finetune": ["--pretrained", out / "mocov2" / "checkpoint.pth"], "resnet": ["--resnet", "--arch",

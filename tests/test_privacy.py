@@ -3,9 +3,12 @@ fake patient name, id and birth date, and no output file or console line may con
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from conftest import run_entry
 from mirl.sample_data import write_rsna
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
 
 FAKE_NAME = "Leaktest^Zelda"
 FAKE_ID_PREFIX = "PIDLEAK"

@@ -20,6 +20,8 @@ from mirl.datasets import ImageDataset, ImageRecord
 from mirl.engine import RunLog, Trainer, make_loader
 from mirl.errors import CheckpointError
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
+
 # 6 batches of 16 per epoch on the 16-patient sample; a state every 2 steps
 SMALL = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--device", "cpu",
          "--save-every", "2", "--deterministic"]

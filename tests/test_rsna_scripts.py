@@ -11,6 +11,8 @@ import torchvision
 from conftest import TINY, assert_one_line_error, run_entry
 from conftest import run_script as run_in_folder
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
+
 run_script = partial(run_in_folder, "RSNA_MoCo")
 
 

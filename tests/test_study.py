@@ -3,10 +3,13 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from mirl import demo, embed, study
 from mirl.monitor import knn_scores
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
 
 SIZE = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--device", "cpu",
         "--epochs", "1", "--downstream-epochs", "1", "--queue-size", "16"]
