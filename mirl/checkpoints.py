@@ -154,7 +154,8 @@ class CheckpointStore:
         """Refuse, before training, a disk without room for the states this run keeps (and the one being
         written while the oldest still exists), rather than fail at the first save after hours of work."""
         needed = (self.keep + 1) * state_bytes
-        free = shutil.disk_usage(self.output_dir).free
+        existing = next(p for p in (self.output_dir, *self.output_dir.parents) if p.exists())  # made at first save
+        free = shutil.disk_usage(existing).free
         if free < needed:
             raise OutputError(f"{self.output_dir} has {free / 2 ** 20:,.0f} MiB free, and this run's training "
                               f"states need about {needed / 2 ** 20:,.0f} MiB ({self.keep + 1} of "

@@ -76,9 +76,10 @@ def pretraining_records(description: DatasetDescription,
         if args.supervised:
             records = label_aware_records(records, usable_labels(labelled, records, splits, args.fraction),
                                           len(description.classes))
-    if len(records) < args.batch_size:
-        raise InputError(f"--batch-size {args.batch_size} is larger than the {len(records)} pretraining images; "
-                         "lower it")
+    share = len(records) // distributed.world_size()  # each process's part of an epoch
+    if share < args.batch_size:
+        raise InputError(f"--batch-size {args.batch_size} is more than the {share} pretraining images of each of "
+                         f"{distributed.world_size()} process(es): an epoch would have no full batch; lower it")
     return records, monitor_sets
 
 
@@ -198,9 +199,6 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers) if args.cache else None
     dataset = ImageDataset(records, args.image_size, queue_label_dim or len(description.classes), cache)
     loader = make_loader(dataset, args.batch_size, args.workers, shuffle=True, drop_last=True, seed=args.seed)
-    if len(loader) == 0:
-        raise InputError(f"--batch-size {args.batch_size} is more than the {len(loader.sampler)} pretraining images "
-                         f"of this process: an epoch would have no full batch; use a smaller --batch-size")
     optimizer = build_optimizer(model, method, args)
     total_steps = args.epochs * len(loader)
     warmup = min(method.warmup_epochs * len(loader), total_steps // 10)

@@ -1,0 +1,78 @@
+"""The batch augmentation against what each transform must do: an identity recipe is plain normalisation,
+crops stay within their area and aspect bounds, every image draws its own parameters, grayscale gives equal
+channels."""
+import math
+
+import pytest
+import torch
+
+import mirl.augment as augment
+from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentRecipe, BatchAugment, normalize, recipe_for
+
+IDENTITY = AugmentRecipe(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0)
+
+
+def images(n: int = 6, side: int = 32, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, side, side), generator=generator, dtype=torch.uint8)
+
+
+def unnormalize(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+
+
+def test_an_identity_recipe_is_plain_normalisation():
+    batch = images()
+    torch.testing.assert_close(BatchAugment(IDENTITY, 32)(batch), normalize(batch), rtol=0, atol=1e-5)
+
+
+def test_a_horizontal_flip_with_probability_one_mirrors_every_image():
+    batch = images()
+    flipped = BatchAugment(AugmentRecipe(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=1.0), 32)(batch)
+    torch.testing.assert_close(flipped, normalize(batch).flip(-1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["moco", "mocov2", "simclr"])
+def test_crop_areas_and_aspect_ratios_stay_within_the_recipe(method, monkeypatch):
+    recipe = recipe_for(method, "paper")
+    boxes = []
+    real = augment.affine_crop
+
+    def record(x, width, height, *args, **kwargs):
+        boxes.append((width.clone(), height.clone()))
+        return real(x, width, height, *args, **kwargs)
+    monkeypatch.setattr(augment, "affine_crop", record)
+    torch.manual_seed(0)
+    BatchAugment(recipe, 16)(images(n=2000, side=16))
+    width, height = boxes[0]
+    inside = (width < 1) & (height < 1)  # a box wider than the image is clipped to it, as torchvision falls back
+    area, ratio = (width * height)[inside], (width / height)[inside]
+    low, high = recipe.crop_scale
+    assert area.min() >= low - 1e-6 and area.max() <= high + 1e-6
+    assert ratio.min() >= recipe.crop_ratio[0] - 1e-6 and ratio.max() <= recipe.crop_ratio[1] + 1e-6
+    # the draws cover the range, not one corner of it
+    assert area.min() < low + 0.05 * (high - low) and area.max() > high - 0.2 * (high - low)
+    assert math.log(ratio.max() / ratio.min()) > 0.9 * math.log(recipe.crop_ratio[1] / recipe.crop_ratio[0])
+
+
+def test_every_image_draws_its_own_parameters():
+    one = images(n=1)
+    batch = one.expand(8, -1, -1, -1).contiguous()
+    torch.manual_seed(0)
+    views = BatchAugment(recipe_for("mocov2", "paper"), 32)(batch)
+    distinct = {tuple(v.flatten()[:64].tolist()) for v in views}
+    assert len(distinct) == 8
+
+
+def test_grayscale_gives_equal_channels():
+    recipe = AugmentRecipe(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, grayscale_p=1.0)
+    out = unnormalize(BatchAugment(recipe, 32)(images()))
+    torch.testing.assert_close(out[:, 0], out[:, 1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[:, 1], out[:, 2], rtol=0, atol=1e-5)
+
+
+def test_the_grey_recipes_keep_crops_and_drop_colour():
+    for method in ("moco", "mocov2", "simclr"):
+        grey, paper = recipe_for(method, "grey"), recipe_for(method, "paper")
+        assert grey.crop_scale == paper.crop_scale and grey.saturation == grey.hue == grey.grayscale_p == 0
+        assert grey.rotation_degrees == 10.0
