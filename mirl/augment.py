@@ -48,6 +48,7 @@ class AugmentRecipe:
     grayscale_p: float = 0.0
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
 
 
 RECIPES: dict[str, AugmentRecipe] = {
@@ -60,6 +61,12 @@ RECIPES: dict[str, AugmentRecipe] = {
     # Chen et al. 2020, SimCLR (colour strength s = 1)
     "simclr": AugmentRecipe(crop_scale=(0.08, 1.0), jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8,
                             hue=0.2, grayscale_p=0.2, blur_p=0.5),
+    # Grill et al. 2020, BYOL: asymmetric views, blur always on the first and rarely on the second, which is
+    # solarised now and then
+    "byol_view1": AugmentRecipe(crop_scale=(0.08, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
+                                hue=0.1, grayscale_p=0.2, blur_p=1.0),
+    "byol_view2": AugmentRecipe(crop_scale=(0.08, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
+                                hue=0.1, grayscale_p=0.2, blur_p=0.1, solarize_p=0.2),
     # fine-tuning and the supervised baseline: mild crop and flip only
     "finetune": AugmentRecipe(crop_scale=(0.7, 1.0), flip_p=0.5),
     # MoCo's linear protocol (main_lincls): RandomResizedCrop with torchvision's default scale, and flip
@@ -67,13 +74,14 @@ RECIPES: dict[str, AugmentRecipe] = {
 }
 
 
-def recipe_for(method: str, style: str) -> AugmentRecipe:
-    """The paper recipe of `method`, or (style "grey") its grey-scale form: window-like brightness and
-    contrast and a small rotation in place of colour jitter and grayscale."""
-    paper = RECIPES[method]
-    if style == "paper" or method in ("finetune", "linear"):
+def recipe_for(name: str, style: str) -> AugmentRecipe:
+    """The paper recipe `name`, or (style "grey") its grey-scale form: window-like brightness and contrast
+    and a small rotation in place of colour jitter, grayscale and solarisation (which would invert a
+    window's meaning)."""
+    paper = RECIPES[name]
+    if style == "paper" or name in ("finetune", "linear"):
         return paper
-    return replace(paper, saturation=0.0, hue=0.0, grayscale_p=0.0, rotation_degrees=10.0,
+    return replace(paper, saturation=0.0, hue=0.0, grayscale_p=0.0, solarize_p=0.0, rotation_degrees=10.0,
                    brightness=min(paper.brightness, 0.4), contrast=min(paper.contrast, 0.4))
 
 
@@ -100,6 +108,7 @@ class BatchAugment(torch.nn.Module):
         x = self._jitter(x)
         x = self._grayscale(x)
         x = self._blur(x)
+        x = self._solarize(x)
         return normalize(x.clamp_(0.0, 1.0))
 
     def _uniform(self, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
@@ -166,6 +175,14 @@ class BatchAugment(torch.nn.Module):
                         groups=n * c)
         apply = self._chance(n, r.blur_p, x.device).view(n, 1, 1, 1)
         return torch.where(apply, flat.view(n, c, h, w), x)
+
+
+    def _solarize(self, x: torch.Tensor) -> torch.Tensor:
+        """Invert every value at or above one half, in the images the draw picks."""
+        if self.recipe.solarize_p <= 0:
+            return x
+        apply = self._chance(x.shape[0], self.recipe.solarize_p, x.device).view(-1, 1, 1, 1)
+        return torch.where(apply & (x >= 0.5), 1.0 - x, x)
 
 
 def affine_crop(x: torch.Tensor, width: torch.Tensor, height: torch.Tensor, centre_x: torch.Tensor,

@@ -51,7 +51,7 @@ from mirl.cache import dataset_images, open_cache
 from mirl.datasets import DATASETS, ImageDataset, ImageRecord, decode_record
 from mirl.engine import TrainingStep, make_loader, prepare_network, resolve_device, resolve_precision
 from mirl.models import MoCo
-from mirl.pretrain import METHODS, build_model, build_optimizer
+from mirl.pretrain import METHODS, build_optimizer
 from mirl.sample_data import write_rsna
 
 
@@ -73,6 +73,7 @@ def pil_views(recipe: AugmentRecipe, size: int) -> T.Compose:
                       p=recipe.jitter_p),
         T.RandomGrayscale(recipe.grayscale_p),
         T.RandomApply([T.GaussianBlur(2 * math.ceil(3 * sigma[1]) + 1, sigma)], p=recipe.blur_p),
+        T.RandomSolarize(128, p=recipe.solarize_p),
         T.RandomHorizontalFlip(recipe.flip_p),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -82,15 +83,15 @@ def pil_views(recipe: AugmentRecipe, size: int) -> T.Compose:
 class DecodeAndAugmentEveryTime(Dataset):
     """The reference data path: decode the file, then augment two views on the CPU, at every read."""
 
-    def __init__(self, records: list[ImageRecord], transform: T.Compose) -> None:
-        self.records, self.transform = records, transform
+    def __init__(self, records: list[ImageRecord], views: list[T.Compose]) -> None:
+        self.records, self.views = records, views
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         image = Image.fromarray(decode_record(self.records[index]))
-        return torch.stack([self.transform(image), self.transform(image)])
+        return torch.stack([view(image) for view in self.views])
 
 
 def timed_rates(runners: dict[str, Callable[[], int]], warmup: int, steps: int, device: torch.device,
@@ -118,12 +119,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def pretraining_model(method: str, args: argparse.Namespace, reference: bool) -> torch.nn.Module:
-    if reference and METHODS[method].queue:
-        spec = METHODS[method]
+def pretraining_model(method: str, args: argparse.Namespace, reference: bool, total_steps: int = 10 ** 6
+                      ) -> torch.nn.Module:
+    spec = METHODS[method]
+    if reference and spec.queue:
         return LoopMomentumMoCo(args.arch, head=spec.head, queue_size=args.queue_size, momentum=args.moco_momentum,
                                 temperature=args.temperature, bn_splits=args.bn_splits)
-    return build_model(METHODS[method], args, queue_label_dim=0)
+    return spec.build(spec, args, 0, total_steps)
 
 
 def contrastive_step(model: torch.nn.Module, method: str, args: argparse.Namespace, device: torch.device,
@@ -183,8 +185,8 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
     precision = resolve_precision(args.precision, device)
     description = DATASETS[args.dataset]
     records = dataset_images(description, data_root)
-    recipe = recipe_for(args.method, "paper")
-    augment = BatchAugment(recipe, args.image_size)
+    recipes = [recipe_for(name, "paper") for name in METHODS[args.method].recipes]
+    first_view, second_view = (BatchAugment(recipe, args.image_size) for recipe in recipes)
     torch.manual_seed(0)
 
     decoded = ImageDataset(records, args.image_size, 0)
@@ -207,13 +209,13 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
     model.train()
     sample = ImageDataset(records[:args.batch_size], args.image_size, 0, cache)
     first = torch.stack([sample[i][0] for i in range(len(sample))]).to(device)
-    fixed_views = torch.stack([augment(first), augment(first)]).contiguous()
+    fixed_views = torch.stack([first_view(first), second_view(first)]).contiguous()
     model_step = contrastive_step(model, args.method, args, device, precision, lambda views: (views[0], views[1]))
     loader = make_loader(ImageDataset(records, args.image_size, 0, cache), args.batch_size, args.workers,
                          shuffle=True, drop_last=True, seed=0)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
     pipeline_step = contrastive_step(model, args.method, args, device, precision,
-                                     lambda images: (augment(images), augment(images)))
+                                     lambda images: (first_view(images), second_view(images)))
 
     def model_only_one() -> int:
         model_step(fixed_views, None)
@@ -230,7 +232,8 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
     if not args.skip_baseline:
         reference = pretraining_model(args.method, args, reference=True).to(device)
         reference.train()
-        reference_loader = DataLoader(DecodeAndAugmentEveryTime(records, pil_views(recipe, args.image_size)),
+        papers_views = [pil_views(recipe, args.image_size) for recipe in recipes]
+        reference_loader = DataLoader(DecodeAndAugmentEveryTime(records, papers_views),
                                       batch_size=args.batch_size, shuffle=True, drop_last=True,
                                       num_workers=args.workers, persistent_workers=args.workers > 0,
                                       pin_memory=device.type == "cuda")
@@ -273,7 +276,7 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mirl.cli import OneLineParser, batch_size, guarded, image_size, positive_int
+    from mirl.cli import OneLineParser, batch_size, guarded, image_size, positive_int, pretrain_parser
     parser = OneLineParser(prog="python -m mirl.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=sorted(METHODS), default="mocov2")
     parser.add_argument("--arch", default="resnet50")
@@ -291,9 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
-    spec = METHODS[args.method]
-    args.lr, args.optimizer, args.temperature = None, spec.optimizer, spec.temperature
-    args.queue_size, args.moco_momentum, args.bn_splits = 65536, 0.999, 8
+    # the method's own flags (temperature, queue, EMA...) at their scripts' defaults, the queue at the paper's K
+    paper_queue = ["--queue-size", "65536"] if METHODS[args.method].queue else []
+    method_flags = pretrain_parser(args.dataset, args.method, Path.cwd()).parse_args(paper_queue)
+    for name, value in vars(method_flags).items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
 
     def benchmark() -> None:
         with tempfile.TemporaryDirectory(prefix="mirl-benchmark-") as scratch:

@@ -175,7 +175,8 @@ def resume_state(requested: str | None, store: CheckpointStore) -> tuple[Path | 
     if requested is None:
         newest = store.newest()
         if newest is not None or finished:
-            held = f"training states (newest {newest.name})" if newest is not None else f"a finished run ({finished[0]})"
+            held = (f"training states (newest {newest.name})" if newest is not None
+                    else f"a finished run ({finished[0]})")
             raise InputError(f"{store.output_dir} already holds {held}; continue it with --resume auto, or choose "
                              "another --output-dir")
         return None, None

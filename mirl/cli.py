@@ -117,7 +117,11 @@ def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.Argumen
                            description=f"Self-supervised {spec.title} pretraining of an encoder; labels unused.")
     _common_arguments(parser, folder, spec.epochs)
     parser.set_defaults(supervised=False)  # label-aware pretraining exists for the queue methods only
-    parser.add_argument("--temperature", type=positive_float, default=spec.temperature)
+    if spec.temperature is not None:
+        parser.add_argument("--temperature", type=positive_float, default=spec.temperature)
+    if spec.target_momentum is not None:
+        parser.add_argument("--target-momentum", type=positive_float, default=spec.target_momentum,
+                            help="the EMA target's rate at the start; it rises to 1 along a cosine")
     parser.add_argument("--optimizer", choices=("sgd", "lars"), default=spec.optimizer)
     parser.add_argument("--augment", choices=("grey", "paper"), default=None,
                         help="augmentation recipe: grey-scale CT/MR or the paper's colour one "

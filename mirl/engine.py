@@ -320,9 +320,9 @@ class Trainer:
 
     Epochs of `step_loss(images, labels)` over a loader whose order comes from an `EpochSampler`.
     Unreadable images are replaced in their batch by readable ones of it (`readable_batch`), counted on the
-    progress bar and listed once in `skipped.csv`. A training state goes to the `CheckpointStore` every `save_every` steps, at every
-    epoch end and when Ctrl-C or SIGTERM arrives; `restore` continues from one exactly. `snapshot()`
-    gives the caller's part of a state (weights and what it needs to reload them).
+    progress bar and listed once in `skipped.csv`. A training state goes to the `CheckpointStore` every
+    `save_every` steps, at every epoch end and when Ctrl-C or SIGTERM arrives; `restore` continues from one
+    exactly. `snapshot()` gives the caller's part of a state (weights and what it needs to reload them).
     """
 
     def __init__(self, step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader: DataLoader,
@@ -391,7 +391,8 @@ class Trainer:
                     readable += int(ok.sum())
                     if not ok.all():
                         batch = self.sampler.indices[position * batch_size:(position + 1) * batch_size]
-                        self.note_unreadable(self.loader.dataset, [i for i, good in zip(batch, ok.tolist()) if not good])
+                        unreadable = [i for i, good in zip(batch, ok.tolist()) if not good]
+                        self.note_unreadable(self.loader.dataset, unreadable)
                     # BatchNorm and contrastive pairs need at least two images; every rank skips together
                     if not any_rank(int(ok.sum()) < 2, self.device):
                         loss = self._train_step(*readable_batch(images, labels, ok))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ import torch.nn as nn
 
 from mirl import distributed
 from mirl.augment import BatchAugment, recipe_for
+from mirl.byol import BASE_TARGET_MOMENTUM, BYOL
 from mirl.cache import open_cache
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
 from mirl.checkpoints import check_same_run, reading_state
@@ -28,13 +30,15 @@ from mirl.splits import load_splits
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A pretraining method's paper defaults (learning rate per 256 images, scaled linearly)."""
+    """A pretraining method: its paper defaults (learning rate per 256 images, scaled linearly), the
+    augmentation recipe of each of its two views, and how its network is built from the run's flags,
+    the label vectors' size (label-aware MoCo) and the number of optimizer steps (BYOL's EMA schedule)."""
 
     name: str
     title: str
     script: str
     head: str
-    temperature: float
+    temperature: float | None  # None: the loss has no temperature (BYOL)
     schedule: str
     optimizer: str
     lr_per_256: float
@@ -42,14 +46,35 @@ class MethodSpec:
     warmup_epochs: int
     epochs: int
     queue: bool
+    recipes: tuple[str, str]
+    build: Callable[[MethodSpec, argparse.Namespace, int, int], nn.Module]
+    target_momentum: float | None = None  # the EMA target's starting rate (BYOL)
+
+
+def build_moco(spec: MethodSpec, args: argparse.Namespace, label_dim: int, total_steps: int) -> nn.Module:
+    """MoCo v1 or v2; a queue with `label_dim` > 0 keeps its keys' labels (label-aware MoCo)."""
+    return MoCo(args.arch, head=spec.head, queue_size=args.queue_size, momentum=args.moco_momentum,
+                temperature=args.temperature, bn_splits=args.bn_splits, label_dim=label_dim)
+
+
+def build_simclr(spec: MethodSpec, args: argparse.Namespace, label_dim: int, total_steps: int) -> nn.Module:
+    return SimCLR(args.arch, temperature=args.temperature)
+
+
+def build_byol(spec: MethodSpec, args: argparse.Namespace, label_dim: int, total_steps: int) -> nn.Module:
+    return BYOL(args.arch, total_steps, base_momentum=args.target_momentum)
 
 
 METHODS: dict[str, MethodSpec] = {
-    "moco": MethodSpec("moco", "MoCo", "trainMoCo.py", "linear", 0.07, "step", "sgd", 0.03, 1e-4, 0, 200, True),
+    "moco": MethodSpec("moco", "MoCo", "trainMoCo.py", "linear", 0.07, "step", "sgd", 0.03, 1e-4, 0, 200, True,
+                       ("moco", "moco"), build_moco),
     "mocov2": MethodSpec("mocov2", "MoCo v2", "trainMoCoV2.py", "mlp", 0.2, "cosine", "sgd", 0.03, 1e-4, 0, 200,
-                         True),
+                         True, ("mocov2", "mocov2"), build_moco),
     "simclr": MethodSpec("simclr", "SimCLR", "trainSimCLR.py", "mlp_bn", 0.1, "cosine", "lars", 0.3, 1e-6, 10, 100,
-                         False),
+                         False, ("simclr", "simclr"), build_simclr),
+    # Grill et al. 2020: LARS at 0.2 per 256 images, weight decay 1.5e-6, 10 warm-up epochs, cosine, 300 epochs
+    "byol": MethodSpec("byol", "BYOL", "trainBYOL.py", "byol", None, "cosine", "lars", 0.2, 1.5e-6, 10, 300, False,
+                       ("byol_view1", "byol_view2"), build_byol, target_momentum=BASE_TARGET_MOMENTUM),
 }
 
 
@@ -134,14 +159,6 @@ def label_aware_records(records: list[ImageRecord], usable: dict[str, np.ndarray
     return [replace(r, labels=label_vector(r)) for r in records]
 
 
-def build_model(method: MethodSpec, args: argparse.Namespace, queue_label_dim: int) -> nn.Module:
-    """The method's network; a MoCo queue with `queue_label_dim` > 0 keeps its keys' labels."""
-    if method.queue:
-        return MoCo(args.arch, head=method.head, queue_size=args.queue_size, momentum=args.moco_momentum,
-                    temperature=args.temperature, bn_splits=args.bn_splits, label_dim=queue_label_dim)
-    return SimCLR(args.arch, temperature=args.temperature)
-
-
 def learning_rate(method: MethodSpec, args: argparse.Namespace) -> float:
     """`--lr`, else the method's rate per 256 images scaled linearly to the global batch."""
     return args.lr if args.lr is not None else method.lr_per_256 * args.batch_size * distributed.world_size() / 256
@@ -186,7 +203,12 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     supervised = args.supervised
     # label-aware MoCo: the label vectors gain a "no finding" class, and the queue keeps them
     queue_label_dim = len(description.classes) + 1 if supervised else 0
-    model = prepare_network(build_model(method, args, queue_label_dim), device, args.channels_last, args.compile)
+    cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers) if args.cache else None
+    dataset = ImageDataset(records, args.image_size, queue_label_dim or len(description.classes), cache)
+    loader = make_loader(dataset, args.batch_size, args.workers, shuffle=True, drop_last=True, seed=args.seed)
+    total_steps = args.epochs * len(loader)
+    model = prepare_network(method.build(method, args, queue_label_dim, total_steps), device, args.channels_last,
+                            args.compile)
     core = model
     if resumed is not None:
         with reading_state(resume_from):
@@ -196,15 +218,11 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
         # step; each rank's BatchNorm keeps its own running statistics, as under fb/moco, and rank 0's are saved
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                     broadcast_buffers=False)
-    cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers) if args.cache else None
-    dataset = ImageDataset(records, args.image_size, queue_label_dim or len(description.classes), cache)
-    loader = make_loader(dataset, args.batch_size, args.workers, shuffle=True, drop_last=True, seed=args.seed)
     optimizer = build_optimizer(model, method, args)
-    total_steps = args.epochs * len(loader)
     warmup = min(method.warmup_epochs * len(loader), total_steps // 10)
     scheduler = build_scheduler(optimizer, method.schedule, total_steps, warmup)
     style = args.augment or ("grey" if description.grayscale else "paper")
-    augment = BatchAugment(recipe_for(method.name, style), args.image_size)
+    augments = [BatchAugment(recipe_for(recipe, style), args.image_size) for recipe in method.recipes]
 
     log = RunLog(args.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
     config = {**vars(args), "method": method.name, "dataset": description.name, "images": len(records),
@@ -214,7 +232,7 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     log.json("config.json", config)
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        views = augment(images), augment(images)  # two independent views of each image
+        views = tuple(augment(images) for augment in augments)  # two independent views of each image
         loss, _ = model(*views, labels) if supervised else model(*views)
         return loss
 

@@ -45,9 +45,7 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {
-    "moco": Variant("moco", "MoCo"),
-    "mocov2": Variant("mocov2", "MoCo v2"),
-    "simclr": Variant("simclr", "SimCLR"),
+    **{name: Variant(name, spec.title) for name, spec in METHODS.items()},
     # the published MIRL table's extra columns: MoCo with an EfficientNet encoder, and label-aware MoCo
     "moco_efficient": Variant("moco", "MoCo EfficientNet-B0", arch="efficientnet_b0"),
     "moco_super": Variant("moco", "MoCo super", label_aware=True),
@@ -208,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-dir", type=Path, default=None, help="default: OUTPUT_DIR/splits")
     parser.add_argument("--fractions", type=int, nargs="+", choices=FRACTIONS, default=list(FRACTIONS))
     parser.add_argument("--methods", nargs="+", choices=[*VARIANTS, SUPERVISED], default=[*METHODS, SUPERVISED],
-                        help="columns to run (default: the three methods and the supervised baseline; "
+                        help="columns to run (default: every method and the supervised baseline; "
                              "moco_efficient, moco_super and mocov2_super add the published table's others)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0])

@@ -1,0 +1,7 @@
+"""BYOL pretraining on ACDC cardiac cine MRI. Run `python trainBYOL.py --help` for the flags."""
+import sys
+
+from mirl.cli import pretrain_script
+
+if __name__ == "__main__":
+    sys.exit(pretrain_script("acdc", "byol", __file__))
