@@ -16,6 +16,7 @@ from mirl.datasets import DATASETS, DatasetDescription, with_label_csv
 from mirl.engine import TrainingInterrupted, release_output_dirs
 from mirl.errors import InputError
 from mirl.models import ENCODERS
+from mirl.positives import POSITIVES
 from mirl.splits import FRACTIONS
 
 
@@ -126,6 +127,11 @@ def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.Argumen
     parser.add_argument("--augment", choices=("grey", "paper"), default=None,
                         help="augmentation recipe: grey-scale CT/MR or the paper's colour one "
                              "(default: grey for CT and MR datasets)")
+    parser.add_argument("--positives", choices=POSITIVES, default="views",
+                        help="what a pair's two views come from: two augmentations of one image (views), two "
+                             "neighbouring images of one study (study: adjacent slices of a series or volume, "
+                             "another photo of a lesion), or any two images of one patient (patient); an image "
+                             "without another pairs with itself")
     parser.add_argument("--knn-images", type=int, default=2000,
                         help="labelled train images in the kNN monitor's bank (half as many val queries); 0: off")
     if spec.queue:

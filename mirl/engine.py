@@ -26,7 +26,7 @@ except ImportError:  # Windows: no advisory locks, so runs on one output dir are
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -170,28 +170,46 @@ class EpochSampler(Sampler[int]):
     with `drop_last`, to equal shares, like DistributedSampler). `start(epoch, first)` begins an epoch at
     position `first`: a run resumed after B batches skips the 'B x batch size' images it trained on
     without reading them.
+
+    With `partners` (each index's candidate partners, `mirl.positives`), it yields (anchor, partner) pairs,
+    each partner drawn from the anchor's candidates from the same (seed, epoch) stream; an anchor without
+    candidates is its own partner. `indices` are the anchors either way.
     """
 
-    def __init__(self, size: int, seed: int, drop_last: bool, passes: int = 1) -> None:
-        self.size, self.seed, self.drop_last, self.passes = size, seed, drop_last, passes
-        self.indices = self.order(0)
+    def __init__(self, size: int, seed: int, drop_last: bool, passes: int = 1,
+                 partners: list[list[int]] | None = None) -> None:
+        self.size, self.seed, self.drop_last, self.passes, self.partners = size, seed, drop_last, passes, partners
+        self.indices, self.paired_with = self.draw(0)
 
     def order(self, epoch: int) -> list[int]:
+        """This rank's indices (anchors) of `epoch`, in order."""
+        return self.draw(epoch)[0]
+
+    def draw(self, epoch: int) -> tuple[list[int], list[int] | None]:
+        """This rank's anchors of `epoch` and, when pairing, their partners."""
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         permutation = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(self.passes)])
+        partners = None
+        if self.partners is not None:  # drawn for the whole order before sharding: the same for any world size
+            draws = torch.randint(0, 2 ** 31 - 1, (len(permutation),), generator=generator).tolist()
+            partners = torch.tensor([self.partners[i][draw % len(self.partners[i])] if self.partners[i] else i
+                                     for i, draw in zip(permutation.tolist(), draws)], dtype=torch.long)
         world, this_rank = world_size(), rank()
         if world > 1:
             length = len(permutation)
             share = length // world if self.drop_last else -(-length // world)
-            permutation = permutation.repeat(-(-share * world // length))[:share * world]
-            permutation = permutation[this_rank::world]
-        return permutation.tolist()
+            repeats = -(-share * world // length)
+            permutation = permutation.repeat(repeats)[:share * world][this_rank::world]
+            if partners is not None:
+                partners = partners.repeat(repeats)[:share * world][this_rank::world]
+        return permutation.tolist(), None if partners is None else partners.tolist()
 
     def start(self, epoch: int, first: int = 0) -> None:
-        self.indices = self.order(epoch)[first:]
+        indices, partners = self.draw(epoch)
+        self.indices, self.paired_with = indices[first:], None if partners is None else partners[first:]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
+        return iter(self.indices) if self.paired_with is None else zip(self.indices, self.paired_with)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -212,12 +230,12 @@ def _ignore_interrupts(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(dataset: ImageDataset, batch_size: int, workers: int, shuffle: bool, drop_last: bool,
-                seed: int, passes: int = 1) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool, drop_last: bool,
+                seed: int, passes: int = 1, partners: list[list[int]] | None = None) -> DataLoader:
     """A loader of uint8 batches. Shuffled loaders draw their order from an `EpochSampler` (of `passes`
-    passes over the data per epoch); workers only decode files (all random augmentation happens in the
-    main process, from saved generators)."""
-    sampler = EpochSampler(len(dataset), seed, drop_last, passes) if shuffle else None
+    passes over the data per epoch, in pairs with `partners`); workers only decode files (all random
+    augmentation happens in the main process, from saved generators)."""
+    sampler = EpochSampler(len(dataset), seed, drop_last, passes, partners) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                       worker_init_fn=_ignore_interrupts if workers > 0 else None,

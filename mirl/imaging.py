@@ -275,6 +275,22 @@ def dicom_patient_group(path: Path) -> str | None:
     return None if identifier is None else salted_hash(identifier)
 
 
+def dicom_series_position(path: Path) -> tuple[str | None, float]:
+    """The salted hash of a DICOM's SeriesInstanceUID (None without one) and the slice's place in its series
+    (ImagePositionPatient's z, else SliceLocation, else InstanceNumber, else 0), read without pixels."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["SeriesInstanceUID", "ImagePositionPatient", "SliceLocation",
+                                            "InstanceNumber"])
+        series = header_value(ds, "SeriesInstanceUID", "")
+        position = header_value(ds, "ImagePositionPatient", None)
+        place = float(position[2]) if position is not None and len(position) == 3 else \
+            header_number(ds, "SliceLocation", header_number(ds, "InstanceNumber", 0.0))
+    except Exception:  # an unreadable header: the slice has no series, and pairs with itself
+        return None, 0.0
+    return (salted_hash(str(series)) if series else None), place
+
+
 def is_grey_ct(ds: pydicom.Dataset) -> bool:
     """Whether a dataset is CT to read in HU; a colour 'CT' is a screenshot, shown as its colours."""
     return header_value(ds, "Modality", "") == "CT" and header_number(ds, "SamplesPerPixel", 1) == 1

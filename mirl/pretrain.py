@@ -25,6 +25,7 @@ from mirl.errors import InputError
 from mirl.models import MoCo, SimCLR
 from mirl.monitor import KnnMonitor, sample_records
 from mirl.optim import LARS, build_scheduler, lars_parameter_groups
+from mirl.positives import PairedImages, partner_candidates
 from mirl.splits import load_splits
 
 
@@ -187,7 +188,7 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
                 "batch_size": args.batch_size, "image_size": args.image_size, "world_size": distributed.world_size(),
                 "supervised_fraction": args.fraction if args.supervised else None,
                 # the schedule follows from these: a resumed run with others would silently train another one
-                "lr": learning_rate(method, args), "epochs": args.epochs}
+                "lr": learning_rate(method, args), "epochs": args.epochs, "positives": args.positives}
     if resumed is not None:  # before listing the data: a state of another run is refused at once
         check_same_run(resumed, identity, resume_from)
     precision = resolve_precision(args.precision, device)
@@ -205,7 +206,12 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     queue_label_dim = len(description.classes) + 1 if supervised else 0
     cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers) if args.cache else None
     dataset = ImageDataset(records, args.image_size, queue_label_dim or len(description.classes), cache)
-    loader = make_loader(dataset, args.batch_size, args.workers, shuffle=True, drop_last=True, seed=args.seed)
+    partners = None
+    if args.positives != "views":  # the two views of a pair from two images of one study or patient
+        partners = partner_candidates(description, records, args.positives)
+        dataset = PairedImages(dataset)
+    loader = make_loader(dataset, args.batch_size, args.workers, shuffle=True, drop_last=True, seed=args.seed,
+                         partners=partners)
     total_steps = args.epochs * len(loader)
     model = prepare_network(method.build(method, args, queue_label_dim, total_steps), device, args.channels_last,
                             args.compile)
@@ -226,13 +232,15 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
 
     log = RunLog(args.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
     config = {**vars(args), "method": method.name, "dataset": description.name, "images": len(records),
+              "images_with_a_partner": sum(map(bool, partners)) if partners is not None else None,
               "device": str(device), "precision": str(precision or "fp32"), "augment": style,
               "world_size": distributed.world_size(), "resumed_from": resume_from,
               "labelled_images": sum(bool(r.labels.any()) for r in records) if supervised else 0}
     log.json("config.json", config)
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        views = tuple(augment(images) for augment in augments)  # two independent views of each image
+        # two independent views of each image, or of each pair's two images
+        views = tuple(augment(images if partners is None else images[:, i]) for i, augment in enumerate(augments))
         loss, _ = model(*views, labels) if supervised else model(*views)
         return loss
 
