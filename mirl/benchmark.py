@@ -35,6 +35,7 @@ import resource
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -50,18 +51,16 @@ from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, AugmentRec
 from mirl.cache import dataset_images, open_cache
 from mirl.datasets import DATASETS, ImageDataset, ImageRecord, decode_record
 from mirl.engine import TrainingStep, make_loader, prepare_network, resolve_device, resolve_precision
-from mirl.models import MoCo
-from mirl.pretrain import METHODS, build_optimizer
+from mirl.models import METHODS, MoCo
+from mirl.pretrain import build_optimizer
 from mirl.sample_data import write_rsna
 
 
-class LoopMomentumMoCo(MoCo):
-    """MoCo with the reference code's momentum update: one Python-level update per parameter pair."""
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        for online, target in zip(self._online_params(), self._target_params()):
-            target.mul_(self.momentum).add_(online.detach(), alpha=1.0 - self.momentum)
+@torch.no_grad()
+def loop_momentum_update(model: MoCo) -> None:
+    """The reference code's momentum update: one Python-level update per parameter pair."""
+    for online, target in zip(model._online_params(), model._target_params()):
+        target.mul_(model.momentum).add_(online.detach(), alpha=1.0 - model.momentum)
 
 
 def pil_views(recipe: AugmentRecipe, size: int) -> T.Compose:
@@ -121,11 +120,11 @@ def synchronize(device: torch.device) -> None:
 
 def pretraining_model(method: str, args: argparse.Namespace, reference: bool, total_steps: int = 10 ** 6
                       ) -> torch.nn.Module:
-    spec = METHODS[method]
-    if reference and spec.queue:
-        return LoopMomentumMoCo(args.arch, head=spec.head, queue_size=args.queue_size, momentum=args.moco_momentum,
-                                temperature=args.temperature, bn_splits=args.bn_splits)
-    return spec.build(spec, args, 0, total_steps)
+    """The method's network; for the papers' recipe, MoCo with the reference's per-parameter momentum loop."""
+    model = METHODS[method].build(args, 0, total_steps)
+    if reference and isinstance(model, MoCo):
+        model.momentum_update = partial(loop_momentum_update, model)
+    return model
 
 
 def contrastive_step(model: torch.nn.Module, method: str, args: argparse.Namespace, device: torch.device,
@@ -276,7 +275,8 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mirl.cli import OneLineParser, batch_size, guarded, image_size, positive_int, pretrain_parser
+    from mirl.cli import guarded, pretrain_parser
+    from mirl.flags import OneLineParser, batch_size, image_size, positive_int
     parser = OneLineParser(prog="python -m mirl.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=sorted(METHODS), default="mocov2")
     parser.add_argument("--arch", default="resnet50")

@@ -7,6 +7,7 @@ moving target are what keep the two networks from collapsing to a constant.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 
@@ -15,7 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mirl.distributed import convert_to_cross_rank_batchnorm
-from mirl.models import build_encoder
+from mirl.encoders import build_encoder
+from mirl.flags import positive_float
+from mirl.method_spec import MethodSpec
 
 BASE_TARGET_MOMENTUM = 0.996
 HIDDEN_DIM, PROJECTION_DIM = 4096, 256
@@ -86,3 +89,18 @@ class BYOL(nn.Module):
     def feature_encoder(self) -> nn.Module:
         """The encoder a downstream task inherits: the online encoder."""
         return self.online_encoder
+
+
+def byol_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target-momentum", type=positive_float, default=BASE_TARGET_MOMENTUM,
+                        help="the EMA target's rate at the start; it rises to 1 along a cosine")
+
+
+def build_byol(args: argparse.Namespace, label_dim: int, total_steps: int) -> nn.Module:
+    return BYOL(args.arch, total_steps, base_momentum=args.target_momentum)
+
+
+# LARS at 0.2 per 256 images, weight decay 1.5e-6, 10 warm-up epochs, cosine, 300 epochs; asymmetric views
+BYOL_METHOD = MethodSpec("byol", "BYOL", "trainBYOL.py", schedule="cosine", optimizer="lars", lr_per_256=0.2,
+                         weight_decay=1.5e-6, warmup_epochs=10, epochs=300, recipes=("byol_view1", "byol_view2"),
+                         build=build_byol, add_flags=byol_flags)

@@ -156,7 +156,8 @@ def cache_damage(folder: Path, images: int) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mirl.cli import OneLineParser, guarded, image_size
+    from mirl.cli import guarded
+    from mirl.flags import OneLineParser, image_size
     parser = OneLineParser(prog="python -m mirl.cache",
                            description="Decode a dataset once into the memory-mapped cache that --cache reads.")
     parser.add_argument("dataset", choices=sorted(DATASETS))

@@ -6,65 +6,18 @@ method they bind; defaults for data, splits and outputs live next to the script.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Callable
 
 from mirl.datasets import DATASETS, DatasetDescription, with_label_csv
 from mirl.engine import TrainingInterrupted, release_output_dirs
 from mirl.errors import InputError
-from mirl.models import ENCODERS
+from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_float, positive_int
+from mirl.models import ENCODERS, METHODS
 from mirl.positives import POSITIVES
 from mirl.splits import FRACTIONS
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line on stderr (exit code 2), without the usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
-    return value
-
-
-def batch_size(text: str) -> int:
-    """A training batch: BatchNorm statistics and contrastive pairs need at least two images."""
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2 (BatchNorm and contrastive pairs need two images), "
-                                         f"got {text}")
-    return value
-
-
-MIN_IMAGE_SIZE = 32  # a ResNet halves its input five times; below 32 px its last stage has no pixel left
-
-
-def image_size(text: str) -> int:
-    value = int(text)
-    if value < MIN_IMAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_IMAGE_SIZE} pixels, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
 
 
 def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epochs: int) -> None:
@@ -112,17 +65,11 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epo
 
 
 def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.ArgumentParser:
-    from mirl.pretrain import METHODS
     spec = METHODS[method]
     parser = OneLineParser(prog=f"{spec.title} pretraining on {dataset}",
                            description=f"Self-supervised {spec.title} pretraining of an encoder; labels unused.")
     _common_arguments(parser, folder, spec.epochs)
     parser.set_defaults(supervised=False)  # label-aware pretraining exists for the queue methods only
-    if spec.temperature is not None:
-        parser.add_argument("--temperature", type=positive_float, default=spec.temperature)
-    if spec.target_momentum is not None:
-        parser.add_argument("--target-momentum", type=positive_float, default=spec.target_momentum,
-                            help="the EMA target's rate at the start; it rises to 1 along a cosine")
     parser.add_argument("--optimizer", choices=("sgd", "lars"), default=spec.optimizer)
     parser.add_argument("--augment", choices=("grey", "paper"), default=None,
                         help="augmentation recipe: grey-scale CT/MR or the paper's colour one "
@@ -134,13 +81,8 @@ def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.Argumen
                              "without another pairs with itself")
     parser.add_argument("--knn-images", type=int, default=2000,
                         help="labelled train images in the kNN monitor's bank (half as many val queries); 0: off")
+    spec.add_flags(parser)
     if spec.queue:
-        parser.add_argument("--queue-size", type=positive_int, default=None,
-                            help="MoCo's K negatives (default: the largest power of two <= images / 4, at most "
-                                 "65536; must be smaller than the number of images)")
-        parser.add_argument("--moco-momentum", type=float, default=0.999, help="key encoder momentum m")
-        parser.add_argument("--bn-splits", type=positive_int, default=8,
-                            help="BatchNorm groups standing in for shuffle-BN on one device")
         parser.add_argument("--supervised", action="store_true",
                             help="label-aware MoCo: images of the --fraction split that share a label are positives "
                                  "too (supervised contrastive loss over the queue); the other images stay unlabelled")
@@ -150,7 +92,6 @@ def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.Argumen
 
 
 def downstream_parser(dataset: str, method: str, folder: Path) -> argparse.ArgumentParser:
-    from mirl.pretrain import METHODS
     spec = METHODS[method]
     parser = OneLineParser(prog=f"{spec.title} downstream on {dataset}",
                            description="Train a classifier on a label fraction: from the pretrained encoder "

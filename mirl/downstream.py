@@ -26,7 +26,7 @@ from mirl.errors import CheckpointError, InputError
 from mirl.metrics import bootstrap_interval, evaluate, primary_metric, reported_metrics
 from mirl.models import ENCODERS, build_classifier
 from mirl.optim import build_scheduler
-from mirl.pretrain import METHODS, MethodSpec
+from mirl.models import METHODS, MethodSpec
 from mirl.splits import load_splits
 
 # MoCo's linear protocol (SGD, no weight decay, x0.1 at 60 % and 80 % of training), with the learning rate

@@ -1,4 +1,4 @@
-"""Self-supervised pretraining: MoCo v1, MoCo v2 and SimCLR with their papers' defaults.
+"""Self-supervised pretraining with any registered method (`mirl.models.METHODS`) and its paper's defaults.
 
 Labels are never read for training. When the data has a label CSV, the test split is held out so
 the downstream evaluation stays honest; a plain folder of images is used whole.
@@ -6,8 +6,7 @@ the downstream evaluation stays honest; a plain folder of images is used whole.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -15,68 +14,17 @@ import torch.nn as nn
 
 from mirl import distributed
 from mirl.augment import BatchAugment, recipe_for
-from mirl.byol import BASE_TARGET_MOMENTUM, BYOL
 from mirl.cache import open_cache
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
 from mirl.checkpoints import check_same_run, reading_state
 from mirl.engine import RunLog, Trainer, make_loader, open_run, prepare_network, resolve_device, resolve_precision, \
     seed_everything
 from mirl.errors import InputError
-from mirl.models import MoCo, SimCLR
+from mirl.models import METHODS, MethodSpec
 from mirl.monitor import KnnMonitor, sample_records
 from mirl.optim import LARS, build_scheduler, lars_parameter_groups
 from mirl.positives import PairedImages, partner_candidates
 from mirl.splits import load_splits
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A pretraining method: its paper defaults (learning rate per 256 images, scaled linearly), the
-    augmentation recipe of each of its two views, and how its network is built from the run's flags,
-    the label vectors' size (label-aware MoCo) and the number of optimizer steps (BYOL's EMA schedule)."""
-
-    name: str
-    title: str
-    script: str
-    head: str
-    temperature: float | None  # None: the loss has no temperature (BYOL)
-    schedule: str
-    optimizer: str
-    lr_per_256: float
-    weight_decay: float
-    warmup_epochs: int
-    epochs: int
-    queue: bool
-    recipes: tuple[str, str]
-    build: Callable[[MethodSpec, argparse.Namespace, int, int], nn.Module]
-    target_momentum: float | None = None  # the EMA target's starting rate (BYOL)
-
-
-def build_moco(spec: MethodSpec, args: argparse.Namespace, label_dim: int, total_steps: int) -> nn.Module:
-    """MoCo v1 or v2; a queue with `label_dim` > 0 keeps its keys' labels (label-aware MoCo)."""
-    return MoCo(args.arch, head=spec.head, queue_size=args.queue_size, momentum=args.moco_momentum,
-                temperature=args.temperature, bn_splits=args.bn_splits, label_dim=label_dim)
-
-
-def build_simclr(spec: MethodSpec, args: argparse.Namespace, label_dim: int, total_steps: int) -> nn.Module:
-    return SimCLR(args.arch, temperature=args.temperature)
-
-
-def build_byol(spec: MethodSpec, args: argparse.Namespace, label_dim: int, total_steps: int) -> nn.Module:
-    return BYOL(args.arch, total_steps, base_momentum=args.target_momentum)
-
-
-METHODS: dict[str, MethodSpec] = {
-    "moco": MethodSpec("moco", "MoCo", "trainMoCo.py", "linear", 0.07, "step", "sgd", 0.03, 1e-4, 0, 200, True,
-                       ("moco", "moco"), build_moco),
-    "mocov2": MethodSpec("mocov2", "MoCo v2", "trainMoCoV2.py", "mlp", 0.2, "cosine", "sgd", 0.03, 1e-4, 0, 200,
-                         True, ("mocov2", "mocov2"), build_moco),
-    "simclr": MethodSpec("simclr", "SimCLR", "trainSimCLR.py", "mlp_bn", 0.1, "cosine", "lars", 0.3, 1e-6, 10, 100,
-                         False, ("simclr", "simclr"), build_simclr),
-    # Grill et al. 2020: LARS at 0.2 per 256 images, weight decay 1.5e-6, 10 warm-up epochs, cosine, 300 epochs
-    "byol": MethodSpec("byol", "BYOL", "trainBYOL.py", "byol", None, "cosine", "lars", 0.2, 1.5e-6, 10, 300, False,
-                       ("byol_view1", "byol_view2"), build_byol, target_momentum=BASE_TARGET_MOMENTUM),
-}
 
 
 def pretraining_records(description: DatasetDescription,
@@ -107,28 +55,6 @@ def pretraining_records(description: DatasetDescription,
         raise InputError(f"--batch-size {args.batch_size} is more than the {share} pretraining images of each of "
                          f"{distributed.world_size()} process(es): an epoch would have no full batch; lower it")
     return records, monitor_sets
-
-
-MAX_QUEUE = 65536  # the paper's K
-
-
-def default_queue_size(images: int) -> int:
-    """MoCo's K for a dataset of `images`: the largest power of two <= images / 4, at most the paper's 65536.
-
-    A queue as large as the data holds older keys of each query's own image as negatives; a quarter of the
-    data keeps the queue's keys at most a quarter of an epoch old and never the query's own image."""
-    return min(MAX_QUEUE, 1 << max(0, (images // 4).bit_length() - 1))
-
-
-def checked_queue_size(requested: int | None, images: int) -> int:
-    """The queue size a run uses: `requested`, refused when it is not smaller than the data, else the default."""
-    if requested is None:
-        return default_queue_size(images)
-    if requested >= images:
-        raise InputError(f"--queue-size {requested} is not smaller than the {images} pretraining images: the queue "
-                         f"would hold each query's own image as a negative; leave it out (default "
-                         f"{default_queue_size(images)} for this data) or choose a smaller one")
-    return requested
 
 
 def usable_labels(labelled: list[ImageRecord], records: list[ImageRecord], splits: dict[str, list[str]],
@@ -193,12 +119,10 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
         check_same_run(resumed, identity, resume_from)
     precision = resolve_precision(args.precision, device)
     records, monitor_sets = pretraining_records(description, args)
-    # the default queue size follows from the number of images, so it is checked once they are listed
-    if method.queue:
-        args.queue_size = checked_queue_size(args.queue_size, len(records))
-    identity["queue_size"] = args.queue_size if method.queue else None
+    settled = method.prepare(args, len(records))  # what follows from the number of images (MoCo's queue size)
+    identity.update(settled)
     if resumed is not None:
-        check_same_run(resumed, {"queue_size": identity["queue_size"]}, resume_from)
+        check_same_run(resumed, settled, resume_from)
 
     seed_everything(args.seed, args.deterministic)
     supervised = args.supervised
@@ -213,7 +137,7 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     loader = make_loader(dataset, args.batch_size, args.workers, shuffle=True, drop_last=True, seed=args.seed,
                          partners=partners)
     total_steps = args.epochs * len(loader)
-    model = prepare_network(method.build(method, args, queue_label_dim, total_steps), device, args.channels_last,
+    model = prepare_network(method.build(args, queue_label_dim, total_steps), device, args.channels_last,
                             args.compile)
     core = model
     if resumed is not None:

@@ -21,12 +21,12 @@ import torch
 from matplotlib.figure import Figure
 from scipy import stats
 
-from mirl.cli import OneLineParser, StudyStopped, batch_size, bound_dataset, downstream_script, guarded, image_size, \
-    non_negative_int, positive_int, pretrain_script
+from mirl.cli import StudyStopped, bound_dataset, downstream_script, guarded, pretrain_script
+from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_int
 from mirl.datasets import DATASETS, DatasetDescription
 from mirl.metrics import primary_metric, reported_metrics
 from mirl.models import ENCODERS
-from mirl.pretrain import METHODS
+from mirl.models import METHODS
 from mirl.splits import FRACTIONS
 
 SUPERVISED = "supervised"

@@ -10,7 +10,7 @@ import torchvision
 from conftest import TINY, run_script
 from mirl.augment import AugmentRecipe, BatchAugment, normalize, recipe_for
 from mirl.byol import BYOL, byol_loss, target_momentum
-from mirl.pretrain import METHODS
+from mirl.models import METHODS
 
 
 def test_byol_loss_is_the_normalised_squared_error():

@@ -18,7 +18,7 @@ from mirl.engine import EpochSampler
 from mirl.errors import InputError
 from mirl.metrics import weighted_log_loss
 from mirl.models import MoCo, SimCLR
-from mirl.pretrain import checked_queue_size, default_queue_size
+from mirl.moco import checked_queue_size, default_queue_size
 
 
 def textured(height: int, width: int, seed: int = 0) -> np.ndarray:

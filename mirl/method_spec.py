@@ -1,0 +1,46 @@
+"""What a pretraining method registers: its paper defaults and how it plugs into the one training loop.
+
+Each method module (`mirl.moco`, `mirl.simclr`, `mirl.byol`) defines its network, its loss as a named
+function and one or more `MethodSpec`s; `mirl.models.METHODS` collects them. Nothing outside a method's
+module needs to know which method it is.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+
+def no_flags(parser: argparse.ArgumentParser) -> None:
+    """A method without flags of its own."""
+
+
+def no_preparation(args: argparse.Namespace, images: int) -> dict[str, object]:
+    """A method that needs nothing settled from the data before its network is built."""
+    return {}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A pretraining method: its paper defaults (learning rate per 256 images, scaled linearly to the
+    global batch), the augmentation recipe of each of its two views (names in `mirl.augment.RECIPES`),
+    its own flags, what it settles once the number of pretraining images is known (MoCo's queue size;
+    returned for the run's identity), and how its network is built from the flags, the size of the label
+    vectors (label-aware MoCo) and the number of optimizer steps (BYOL's EMA schedule)."""
+
+    name: str
+    title: str
+    script: str
+    schedule: str
+    optimizer: str
+    lr_per_256: float
+    weight_decay: float
+    warmup_epochs: int
+    epochs: int
+    recipes: tuple[str, str]
+    build: Callable[[argparse.Namespace, int, int], nn.Module]
+    add_flags: Callable[[argparse.ArgumentParser], None] = no_flags
+    prepare: Callable[[argparse.Namespace, int], dict[str, object]] = field(default=no_preparation)
+    queue: bool = False  # keeps a queue of negatives (takes --queue-size, and --supervised for label-aware training)
