@@ -49,8 +49,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, AugmentRecipe, BatchAugment, recipe_for
 from mirl.cache import dataset_images, open_cache
+from mirl.cli import pretrain_parser
 from mirl.datasets import DATASETS, ImageDataset, ImageRecord, decode_record
+from mirl.edge import guarded
 from mirl.engine import TrainingStep, make_loader, prepare_network, resolve_device, resolve_precision
+from mirl.flags import OneLineParser, batch_size, image_size, positive_int
 from mirl.models import METHODS, MoCo
 from mirl.pretrain import build_optimizer
 from mirl.sample_data import write_rsna
@@ -275,8 +278,6 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mirl.cli import guarded, pretrain_parser
-    from mirl.flags import OneLineParser, batch_size, image_size, positive_int
     parser = OneLineParser(prog="python -m mirl.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=sorted(METHODS), default="mocov2")
     parser.add_argument("--arch", default="resnet50")

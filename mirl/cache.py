@@ -31,7 +31,9 @@ from tqdm import tqdm
 from mirl import distributed
 from mirl.augment import source_side
 from mirl.datasets import DATASETS, DatasetDescription, ImageDataset, ImageRecord
+from mirl.edge import guarded
 from mirl.errors import InputError, OutputError
+from mirl.flags import OneLineParser, image_size
 
 # Bump when decoding changes (windows, normalisation, resizing): old caches then stop matching.
 # Format 2: images kept at source_side(image_size), the shorter side resized and the longer centre-cropped.
@@ -156,8 +158,6 @@ def cache_damage(folder: Path, images: int) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mirl.cli import guarded
-    from mirl.flags import OneLineParser, image_size
     parser = OneLineParser(prog="python -m mirl.cache",
                            description="Decode a dataset once into the memory-mapped cache that --cache reads.")
     parser.add_argument("dataset", choices=sorted(DATASETS))

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
-from typing import Callable
 
 from mirl.datasets import DATASETS, DatasetDescription, with_label_csv
-from mirl.engine import TrainingInterrupted, release_output_dirs
+from mirl.downstream import downstream
+from mirl.edge import guarded
 from mirl.errors import InputError
 from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_float, positive_int
 from mirl.models import ENCODERS, METHODS
 from mirl.positives import POSITIVES
+from mirl.pretrain import pretrain
 from mirl.splits import FRACTIONS
 
 
@@ -121,37 +121,8 @@ def bound_dataset(dataset: str, args: argparse.Namespace) -> DatasetDescription:
     return with_label_csv(DATASETS[dataset], args.labels, args.data_root, args.group_column)
 
 
-class StudyStopped(Exception):
-    """A run inside a study failed; it has said why, and its exit status is the study's."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
-def guarded(run: Callable[[], None]) -> int:
-    """Run a script body; input errors become `error: ...` on stderr and exit code 2."""
-    try:
-        run()
-    except StudyStopped as stopped:
-        return stopped.status
-    except InputError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, even if a file's text had breaks
-        return 2
-    except FloatingPointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as error:
-        print(f"stopped: {error}", file=sys.stderr)
-        return 130
-    finally:
-        release_output_dirs()
-    return 0
-
-
 def pretrain_script(dataset: str, method: str, script_file: str, argv: list[str] | None = None) -> int:
     """Entry point of trainMoCo.py / trainMoCoV2.py / trainSimCLR.py."""
-    from mirl.pretrain import pretrain
     folder = Path(script_file).resolve().parent
     args = pretrain_parser(dataset, method, folder).parse_args(argv)
     default_run = f"{method}_super_{args.fraction}F" if args.supervised else method
@@ -161,7 +132,6 @@ def pretrain_script(dataset: str, method: str, script_file: str, argv: list[str]
 
 def downstream_script(dataset: str, method: str, script_file: str, argv: list[str] | None = None) -> int:
     """Entry point of MoCo_downstream.py / MoCov2_downstream.py / SimCLR_downstream.py."""
-    from mirl.downstream import downstream
     folder = Path(script_file).resolve().parent
     args = downstream_parser(dataset, method, folder).parse_args(argv)
     mode = "resnet" if args.resnet else f"{method}_{'frozen' if args.frozen else 'finetune'}"

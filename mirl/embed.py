@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure
 from sklearn.manifold import TSNE
 
-from mirl.cli import guarded
+from mirl.edge import guarded
 from mirl.flags import OneLineParser, image_size, positive_int
 from mirl.datasets import DATASETS
 from mirl.checkpoints import load_checkpoint, reading_state

@@ -7,40 +7,25 @@ sees within minutes whether pretraining learns. Its labels serve the monitor onl
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mirl.augment import evaluation_view
 from mirl.cache import DecodedImageCache
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
-from mirl.engine import make_loader
+from mirl.engine import evaluation_outputs, make_loader
 from mirl.metrics import evaluate, primary_metric
 
 
-@torch.no_grad()
 def extract_features(encoder: nn.Module, records: list[ImageRecord], num_classes: int, image_size: int,
                      device: torch.device, precision: torch.dtype | None, batch_size: int,
                      workers: int, cache: DecodedImageCache | None = None) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised features and label vectors of every readable record (unreadable ones left out)."""
     loader = make_loader(ImageDataset(records, image_size, num_classes, cache), batch_size, workers, shuffle=False,
                          drop_last=False, seed=0)
-    was_training = encoder.training
-    encoder.eval()
-    autocast = torch.autocast(device.type, dtype=precision) if precision else nullcontext()
-    features, labels = [], []
-    for images, batch_labels, ok in loader:
-        if not ok.any():
-            continue
-        with autocast:
-            output = encoder(evaluation_view(images[ok].to(device), image_size)).float()
-        features.append(F.normalize(output, dim=1).cpu().numpy())
-        labels.append(batch_labels[ok].numpy())
-    encoder.train(was_training)
-    return np.concatenate(features), np.concatenate(labels)
+    features, labels, _ = evaluation_outputs(encoder, loader, device, precision)
+    return F.normalize(torch.from_numpy(features), dim=1).numpy(), labels
 
 
 def knn_scores(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, k: int = 20,

@@ -21,7 +21,8 @@ import torch
 from matplotlib.figure import Figure
 from scipy import stats
 
-from mirl.cli import StudyStopped, bound_dataset, downstream_script, guarded, pretrain_script
+from mirl.cli import bound_dataset, downstream_script, pretrain_script
+from mirl.edge import StudyStopped, guarded
 from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_int
 from mirl.datasets import DATASETS, DatasetDescription
 from mirl.metrics import primary_metric, reported_metrics

@@ -1,0 +1,117 @@
+"""ACDC: cardiac cine MRI as NIfTI volumes, one Info.cfg per patient naming its group."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mirl.datasets.csv_files import first_undecodable_line
+from mirl.datasets.records import DatasetDescription, ImageRecord, find_images
+from mirl.errors import DataError, UnreadableImageError
+from mirl.imaging import nifti_slice_count
+
+
+ACDC_CLASSES = ("NOR", "MINF", "DCM", "HCM", "RV")
+
+
+def read_info_cfg(path: Path) -> dict[str, str]:
+    """ACDC's `Info.cfg` (`Key: value` lines), checked to name a known Group and ED/ES frames.
+
+    A key repeated with the same value is fine; with another value it is an error naming both lines.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing; each patientXXX folder needs its Info.cfg") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} line {first_undecodable_line(path)}: not UTF-8 text") from None
+    except OSError as error:
+        raise DataError(f"{path} cannot be read ({error.strerror or type(error).__name__})") from None
+    info: dict[str, str] = {}
+    line_of: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if ":" in line:
+            key, value = (part.strip() for part in line.split(":", 1))
+            if info.setdefault(key, value) != value:
+                raise DataError(f"{path}: {key} is {value!r} on line {number} but {info[key]!r} on line {line_of[key]}")
+            line_of.setdefault(key, number)
+    if "Group" not in info:
+        raise DataError(f"{path}: Group is missing; expected a line `Group: X`, X one of {', '.join(ACDC_CLASSES)}")
+    if info["Group"] not in ACDC_CLASSES:
+        raise DataError(f"{path}: Group is {info['Group']!r} on line {line_of['Group']}, expected one of "
+                        f"{', '.join(ACDC_CLASSES)}")
+    for key in ("ED", "ES"):
+        value = info.get(key, "")
+        if not (value.isdigit() and int(value) >= 1):
+            where = f" on line {line_of[key]}" if key in line_of else ""
+            raise DataError(f"{path}: {key} must be a 1-based frame number, found {info.get(key)!r}{where}")
+    return info
+
+
+def acdc_patients(root: Path) -> list[Path]:
+    base = root / "training" if (root / "training").is_dir() else root
+    return sorted(p for p in base.iterdir() if p.is_dir() and re.fullmatch(r"patient\d+", p.name))
+
+
+def _volume_slices(path: Path) -> tuple[int, int]:
+    """(slices, frames) of a NIfTI volume a dataset lists; one it cannot read stops the run, naming its path."""
+    try:
+        return nifti_slice_count(path)
+    except UnreadableImageError as error:
+        raise DataError(f"{path}: {str(error).removeprefix(f'{path.name}: ')}") from None
+
+
+def find_acdc_labelled(root: Path) -> list[ImageRecord]:
+    """Every short-axis slice of each patient's ED and ES volumes, labelled with the patient's group."""
+    patients = acdc_patients(root)
+    if not patients:
+        raise DataError(f"no patientXXX folders under {root} (or {root / 'training'})")
+    records = []
+    for folder in patients:
+        info = read_info_cfg(folder / "Info.cfg")
+        labels = np.eye(len(ACDC_CLASSES), dtype=np.float32)[ACDC_CLASSES.index(info["Group"])]
+        for phase in ("ED", "ES"):
+            path = folder / f"{folder.name}_frame{int(info[phase]):02d}.nii.gz"
+            if not path.is_file():
+                raise DataError(f"{folder / 'Info.cfg'}: {phase} is frame {info[phase]} but {path.name} is missing")
+            slices, _ = _volume_slices(path)
+            records += [ImageRecord(f"{folder.name}_{phase}_s{z:02d}", path, labels, folder.name, (z,))
+                        for z in range(slices)]
+    return records
+
+
+def find_acdc_cine(root: Path, labelled: list[ImageRecord]) -> list[ImageRecord]:
+    """For pretraining: every slice of every frame of each patient's 4-D cine (ED/ES when it is absent)."""
+    records = []
+    for folder in acdc_patients(root):
+        cine = folder / f"{folder.name}_4d.nii.gz"
+        if not cine.is_file():
+            records += [r for r in labelled if r.group == folder.name]
+            continue
+        slices, frames = _volume_slices(cine)
+        records += [ImageRecord(f"{folder.name}_t{t:02d}_s{z:02d}", cine, None, folder.name, (z, t))
+                    for t in range(frames) for z in range(slices)]
+    return records
+
+
+@dataclass(frozen=True)
+class AcdcDescription(DatasetDescription):
+    """ACDC pretrains on the whole cine, not only the labelled ED/ES volumes."""
+
+    def pretraining_images(self, root: Path, labelled: list[ImageRecord] | None) -> list[ImageRecord]:
+        return find_images(root) if labelled is None else find_acdc_cine(root, labelled)
+
+
+ACDC = AcdcDescription(
+    name="acdc",
+    classes=ACDC_CLASSES,
+    multilabel=False,
+    grayscale=True,
+    find_labelled=find_acdc_labelled,
+    has_labels=lambda root: bool(acdc_patients(root)),
+    data_hint="download the ACDC training set (patientXXX folders with Info.cfg and NIfTI volumes), or write "
+              "sample data with `python -m mirl.sample_data acdc --out DIR` and pass --data-root DIR",
+    patient_vote=True,
+)

@@ -1,0 +1,173 @@
+"""What every dataset shares: the image record, the dataset description, any folder of images, and the
+one torch Dataset that reads pixels of every format."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from mirl.augment import source_side
+from mirl.errors import DataError, UnreadableImageError
+from mirl.imaging import (
+    DICOM_SUFFIXES,
+    NIFTI_SUFFIXES,
+    PHOTO_SUFFIXES,
+    image_suffix,
+    nifti_slice_count,
+    read_dicom_image,
+    read_nifti_slice,
+    read_photo,
+)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One 2-D image: a stable id (what split files list), its file, the slice/frame inside the file
+    for volumes, its label vector, and its patient or lesion when the reader knows it."""
+
+    image_id: str
+    path: Path
+    labels: np.ndarray | None = None
+    group: str | None = None
+    index: tuple[int, ...] = field(default=())
+
+
+def decode_record(record: ImageRecord) -> np.ndarray:
+    """The record's pixels as H x W x 3 uint8, whatever the file format."""
+    suffix = image_suffix(record.path)
+    if suffix in NIFTI_SUFFIXES:
+        return read_nifti_slice(record.path, *record.index)
+    if suffix in DICOM_SUFFIXES:
+        return read_dicom_image(record.path)
+    return read_photo(record.path)
+
+
+def record_group(record: ImageRecord) -> str:
+    """The patient or lesion of a record when its reader knew it, else the image itself."""
+    return record.group or record.image_id
+
+
+@dataclass(frozen=True)
+class DatasetDescription:
+    """Everything MIRL needs to know about one dataset."""
+
+    name: str
+    classes: tuple[str, ...]
+    multilabel: bool
+    grayscale: bool
+    find_labelled: Callable[[Path], list[ImageRecord]]
+    has_labels: Callable[[Path], bool]
+    data_hint: str
+    patient_group: Callable[[ImageRecord], str | None] = record_group  # None: the image names no patient
+    patient_vote: bool = False  # also report patient-level accuracy from the slices' votes
+
+    def check_root(self, root: Path) -> None:
+        if not root.is_dir():
+            raise DataError(f"data root {root} does not exist; {self.data_hint}")
+
+    def pretraining_images(self, root: Path, labelled: list[ImageRecord] | None) -> list[ImageRecord]:
+        """Images for pretraining: the labelled set when there is one (its test split is then held
+        out), else every image in the folder."""
+        return labelled if labelled is not None else find_images(root)
+
+
+def find_images(root: Path) -> list[ImageRecord]:
+    """Every PNG, JPEG, DICOM and NIfTI slice under a folder, unlabelled; ids are relative paths."""
+    records = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        suffix = image_suffix(path)
+        stem = path.relative_to(root).as_posix()[:-len(suffix)] if suffix else path.relative_to(root).as_posix()
+        if suffix in PHOTO_SUFFIXES or suffix in DICOM_SUFFIXES:
+            records.append(ImageRecord(stem, path))
+        elif suffix in NIFTI_SUFFIXES:
+            try:
+                slices, frames = nifti_slice_count(path)
+            except UnreadableImageError:
+                continue  # an unreadable volume is skipped like any unreadable image
+            records += [ImageRecord(f"{stem}_t{t:02d}_s{z:02d}", path, index=(z, t))
+                        for t in range(frames) for z in range(slices)]
+    return records
+
+
+def image_files_by_stem(root: Path) -> dict[str, Path]:
+    """PNG/JPEG/DICOM files under `root` by file name without suffix (the first one if repeated)."""
+    files: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and image_suffix(path) in PHOTO_SUFFIXES + DICOM_SUFFIXES:
+            files.setdefault(path.name[:-len(image_suffix(path))], path)
+    return files
+
+
+class ImageDataset(Dataset):
+    """Decodes records into C x S x S uint8 tensors, S = `source_side(image_size)`; an unreadable file
+    yields `ok=False`, not an error.
+
+    Images are delivered at twice the network's input side, so the device-side augmentation crops
+    them at source resolution (the evaluation view takes their centre). With a decoded-image `cache`
+    (mirl.cache), images are read from its memory map instead of decoded.
+    """
+
+    def __init__(self, records: list[ImageRecord], image_size: int, num_classes: int,
+                 cache: DecodedImages | None = None) -> None:
+        self.records = records
+        self.image_size = image_size
+        self.side = source_side(image_size)
+        self.num_classes = num_classes
+        self.cache = cache
+        # cache rows as one array, not per-record objects, so workers share it copy-on-write
+        self.cache_rows = np.array([-1 if (row := cache.row(r)) is None else row for r in records]) \
+            if cache is not None else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        record = self.records[index]
+        labels = torch.zeros(self.num_classes) if record.labels is None else torch.tensor(record.labels)
+        if self.cache_rows is not None and self.cache_rows[index] >= 0:
+            image, readable = self.cache.read(self.cache_rows[index])
+            return image, labels, readable
+        try:
+            array = decode_record(record)
+        except Exception:  # whatever a file does to its reader, one bad file never stops a run
+            return torch.zeros(3, self.side, self.side, dtype=torch.uint8), labels, False
+        return square_uint8(array, self.side), labels, True
+
+    def why_unreadable(self, index: int) -> str:
+        """The reader's reason for an image that came out unreadable (decoded again: bad files are rare)."""
+        try:
+            decode_record(self.records[index])
+        except Exception as error:
+            return str(error) or type(error).__name__
+        return "unreadable in the decoded-image cache"
+
+
+class DecodedImages(Protocol):
+    """Images decoded once and stored, which an `ImageDataset` reads instead of the files
+    (`mirl.cache.DecodedImageCache`)."""
+
+    def row(self, record: ImageRecord) -> int | None:
+        """Where the record's image is stored; None when it is not."""
+
+    def read(self, row: int) -> tuple[torch.Tensor, bool]:
+        """The stored C x S x S uint8 image and whether its source could be read."""
+
+
+def square_uint8(array: np.ndarray, side: int) -> torch.Tensor:
+    """H x W x C uint8 array to a C x side x side uint8 tensor: the shorter side resized to `side`
+    (antialiased bilinear), the longer one cropped to its centre. The aspect ratio is kept: a 4:3
+    photograph is not squashed."""
+    image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    height, width = image.shape[1:]
+    if (height, width) == (side, side):
+        return image.contiguous()
+    scale = side / min(height, width)
+    size = (max(side, int(height * scale)), max(side, int(width * scale)))  # truncated, as torchvision's Resize
+    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (size[0] - side) // 2, (size[1] - side) // 2
+    return resized[:, top:top + side, left:left + side].round_().clamp_(0, 255).to(torch.uint8).contiguous()
