@@ -1,6 +1,6 @@
 """The scripts' edge: command-line flags, their checks, and turning input errors into one line.
 
-Each dataset folder's five scripts call `pretrain_script` or `downstream_script` with the dataset and
+Each dataset folder's scripts call `pretrain_script` or `downstream_script` with the dataset and
 method they bind; defaults for data, splits and outputs live next to the script.
 """
 from __future__ import annotations
