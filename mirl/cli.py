@@ -6,6 +6,7 @@ method they bind; defaults for data, splits and outputs live next to the script.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epo
                         help="autocast dtype; auto is bf16 where the device runs it fast")
     parser.add_argument("--lr", type=positive_float, default=None,
                         help="learning rate (default: the method's; a linear probe chooses it on validation from a grid)")
+    parser.add_argument("--config", type=Path, default=None, metavar="OUTPUT/config.json",
+                        help="relaunch the run that wrote this config.json: its flags are the defaults, and any flag "
+                             "given here overrides one of them (e.g. --output-dir)")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic kernels only: the same seed gives the same weights, and a resumed run "
@@ -121,19 +125,43 @@ def bound_dataset(dataset: str, args: argparse.Namespace) -> DatasetDescription:
     return with_label_csv(DATASETS[dataset], args.labels, args.data_root, args.group_column)
 
 
+def parse_with_config(parser: argparse.ArgumentParser, dataset: str, method: str,
+                      argv: list[str] | None) -> argparse.Namespace:
+    """The flags of `argv`; with `--config OUTPUT/config.json`, the flags of the run that wrote it are the
+    defaults, so the same command relaunches that run and any flag given here overrides its value."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=None)
+    found, _ = pre.parse_known_args(argv)
+    if found.config is not None:
+        try:
+            record = json.loads(found.config.read_text())
+        except (OSError, ValueError) as error:
+            parser.error(f"--config {found.config}: not a readable config.json ({type(error).__name__})")
+        flags = record.get("flags") if isinstance(record, dict) else None
+        if not isinstance(flags, dict):
+            parser.error(f"--config {found.config}: no flags recorded (written by an older MIRL, or not a run's "
+                         "config.json)")
+        if (record.get("dataset"), record.get("method")) not in ((dataset, method), (dataset, "supervised")):
+            parser.error(f"--config {found.config}: written by a {record.get('method')} run on "
+                         f"{record.get('dataset')}, not by this script ({method} on {dataset})")
+        known = {action.dest for action in parser._actions}
+        parser.set_defaults(**{k: v for k, v in flags.items() if k in known and k != "config"})
+    return parser.parse_args(argv)
+
+
 def pretrain_script(dataset: str, method: str, script_file: str, argv: list[str] | None = None) -> int:
-    """Entry point of trainMoCo.py / trainMoCoV2.py / trainSimCLR.py."""
+    """Entry point of every dataset folder's pretraining scripts."""
     folder = Path(script_file).resolve().parent
-    args = pretrain_parser(dataset, method, folder).parse_args(argv)
+    args = parse_with_config(pretrain_parser(dataset, method, folder), dataset, method, argv)
     default_run = f"{method}_super_{args.fraction}F" if args.supervised else method
     args.output_dir = args.output_dir or folder / "runs" / default_run
     return guarded(lambda: pretrain(bound_dataset(dataset, args), method, args))
 
 
 def downstream_script(dataset: str, method: str, script_file: str, argv: list[str] | None = None) -> int:
-    """Entry point of MoCo_downstream.py / MoCov2_downstream.py / SimCLR_downstream.py."""
+    """Entry point of every dataset folder's downstream scripts."""
     folder = Path(script_file).resolve().parent
-    args = downstream_parser(dataset, method, folder).parse_args(argv)
+    args = parse_with_config(downstream_parser(dataset, method, folder), dataset, method, argv)
     mode = "resnet" if args.resnet else f"{method}_{'frozen' if args.frozen else 'finetune'}"
     args.output_dir = args.output_dir or folder / "runs" / f"{mode}_{args.fraction}F"
     return guarded(lambda: downstream(bound_dataset(dataset, args), method, args))

@@ -119,6 +119,7 @@ def records_of(split: list[str], by_id: dict[str, ImageRecord]) -> list[ImageRec
 def downstream(description: DatasetDescription, method_name: str, args: argparse.Namespace) -> None:
     """Train and evaluate a classifier on `--fraction` % of the labels; writes metrics.json and checkpoint.pth."""
     method = METHODS[method_name]
+    flags = dict(vars(args))  # as given, before anything is settled: --config relaunches with them
     if args.init_weights is not None and not args.resnet:
         raise InputError("--init-weights goes with --resnet; without it the encoder comes from --pretrained")
     device = resolve_device(args.device)
@@ -200,7 +201,8 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     augment = BatchAugment(RECIPES["linear" if args.frozen else "finetune"], args.image_size)
     evaluate_every = max(1, args.epochs // EVALUATIONS)
     log = RunLog(args.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
-    config = {**vars(args), "method": identity["method"], "mode": mode, "steps": total_steps,
+    config = {**vars(args), "flags": flags, "method": identity["method"], "mode": mode,
+              "steps": total_steps,
               "passes_per_epoch": passes,
               "warmup_steps": warmup_steps, "optimizer": type(optimizer).__name__,
               # the linear probe: one rate per head of the grid; fine-tuning: the head's, then the encoder's

@@ -104,6 +104,7 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     """Pretrain an encoder. `checkpoint.pth` is always the newest training state; its `encoder` loads
     into the plain torchvision model. `--resume` continues a run exactly where a state left it."""
     method = METHODS[method_name]
+    flags = dict(vars(args))  # as given, before anything is settled from the data: --config relaunches with them
     device = resolve_device(args.device)
     distributed.init_from_environment(device)  # first: the run's identity holds the world size
     store, resume_from, resumed = open_run(args.output_dir, args.keep, publish=True, resume=args.resume)
@@ -155,7 +156,8 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     augments = [BatchAugment(recipe_for(recipe, style), args.image_size) for recipe in method.recipes]
 
     log = RunLog(args.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
-    config = {**vars(args), "method": method.name, "dataset": description.name, "images": len(records),
+    config = {**vars(args), "flags": flags, "method": method.name, "dataset": description.name,
+              "images": len(records),
               "images_with_a_partner": sum(map(bool, partners)) if partners is not None else None,
               "device": str(device), "precision": str(precision or "fp32"), "augment": style,
               "world_size": distributed.world_size(), "resumed_from": resume_from,

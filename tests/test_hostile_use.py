@@ -436,3 +436,31 @@ def test_a_cache_sees_a_file_rewritten_with_the_same_size_and_time(tmp_path, cap
     assert cache_main(args) == 0
     assert len(list((tmp_path / "cache").iterdir())) == 2  # a new cache, not the stale one
 
+
+
+# ---------------------------------------------------------------- relaunching a run from its record
+
+@pytest.mark.slow
+def test_config_json_relaunches_the_same_run(rsna_root, tmp_path):
+    """`--config OUTPUT/config.json` with a new output dir trains the same weights as the recorded run."""
+    first = tmp_path / "first"
+    result = run_script("RSNA_MoCo", "trainMoCoV2.py", "--data-root", rsna_root, "--split-dir", tmp_path / "splits",
+                        "--output-dir", first, *PRETRAIN, "--deterministic", "--seed", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    again = run_script("RSNA_MoCo", "trainMoCoV2.py", "--config", first / "config.json", "--output-dir",
+                       tmp_path / "again")
+    assert again.returncode == 0, again.stderr[-2000:]
+    recorded = json.loads((first / "config.json").read_text())["flags"]
+    relaunched = json.loads((tmp_path / "again" / "config.json").read_text())["flags"]
+    assert {k: v for k, v in relaunched.items() if k not in ("output_dir", "config")} == \
+        {k: v for k, v in recorded.items() if k not in ("output_dir", "config")}
+    a, b = (torch.load(d / "checkpoint.pth", weights_only=True)["model"] for d in (first, tmp_path / "again"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_config_of_another_script_is_one_line(finished, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run_entry(capsys, "RSNA_MoCo", "trainSimCLR.py", "--config", finished / "config.json")
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "mocov2 run on rsna" in lines[0] and "simclr" in lines[0]
