@@ -120,6 +120,7 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
     """Train and evaluate a classifier on `--fraction` % of the labels; writes metrics.json and checkpoint.pth."""
     method = METHODS[method_name]
     flags = dict(vars(args))  # as given, before anything is settled: --config relaunches with them
+    args = argparse.Namespace(**flags)  # what this run settles (architecture, epochs) never reaches the caller's
     if args.init_weights is not None and not args.resnet:
         raise InputError("--init-weights goes with --resnet; without it the encoder comes from --pretrained")
     device = resolve_device(args.device)

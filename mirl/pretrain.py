@@ -105,6 +105,7 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
     into the plain torchvision model. `--resume` continues a run exactly where a state left it."""
     method = METHODS[method_name]
     flags = dict(vars(args))  # as given, before anything is settled from the data: --config relaunches with them
+    args = argparse.Namespace(**flags)  # what this run settles (architecture, queue size) never reaches the caller's
     device = resolve_device(args.device)
     distributed.init_from_environment(device)  # first: the run's identity holds the world size
     store, resume_from, resumed = open_run(args.output_dir, args.keep, publish=True, resume=args.resume)

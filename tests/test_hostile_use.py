@@ -464,3 +464,27 @@ def test_a_config_of_another_script_is_one_line(finished, tmp_path, capsys):
     assert stopped.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "mocov2 run on rsna" in lines[0] and "simclr" in lines[0]
+
+
+@pytest.mark.slow
+def test_a_run_leaves_the_callers_flags_as_given(rsna_root, tmp_path):
+    """Library entry points settle the architecture, queue size and epochs on their own copy of the flags."""
+    from mirl.cli import downstream_parser, pretrain_parser
+    from mirl.datasets import RSNA
+    from mirl.downstream import downstream
+    from mirl.pretrain import pretrain
+    folder = REPO / "RSNA_MoCo"
+    args = pretrain_parser("rsna", "mocov2", folder).parse_args(
+        ["--data-root", str(rsna_root), "--split-dir", str(tmp_path / "splits"), "--output-dir", str(tmp_path / "p"),
+         "--image-size", "32", "--batch-size", "16", "--workers", "0", "--epochs", "1", "--device", "cpu",
+         "--knn-images", "0"])
+    given = dict(vars(args))
+    pretrain(RSNA, "mocov2", args)
+    assert vars(args) == given and args.arch is None and args.queue_size is None  # resnet50 and K were settled inside
+    args = downstream_parser("rsna", "mocov2", folder).parse_args(
+        ["--data-root", str(rsna_root), "--split-dir", str(tmp_path / "splits"), "--output-dir", str(tmp_path / "d"),
+         "--image-size", "32", "--batch-size", "16", "--workers", "0", "--device", "cpu", "--frozen",
+         "--pretrained", str(tmp_path / "p" / "checkpoint.pth"), "--fraction", "50"])
+    given = dict(vars(args))
+    downstream(RSNA, "mocov2", args)
+    assert vars(args) == given and args.epochs is None
