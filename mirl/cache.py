@@ -129,11 +129,10 @@ def open_cache(description: DatasetDescription, root: Path, image_size: int, cac
     if not records:
         raise InputError(f"no images found under {root}; {description.data_hint}")
     folder = cache_root / f"{description.name}-{image_size}px-{cache_key(description, records, image_size)}"
+    cache = None
     if distributed.is_main_process():
-        if folder.is_dir() and (damage := cache_damage(folder, len(records))) is not None:
-            print(f"warning: the cache {folder} is damaged ({damage}); building it again", file=sys.stderr)
-            shutil.rmtree(folder, ignore_errors=True)
-        if not folder.is_dir():
+        cache = intact_cache(folder, len(records))
+        if cache is None:
             try:
                 cache_root.mkdir(parents=True, exist_ok=True)
                 build_cache(records, image_size, folder, workers)
@@ -141,19 +140,23 @@ def open_cache(description: DatasetDescription, root: Path, image_size: int, cac
                 raise OutputError(f"--cache {cache_root} cannot be written ({error.strerror or type(error).__name__})"
                                   ) from None
     distributed.barrier()
-    return DecodedImageCache(folder)
+    return cache or DecodedImageCache(folder)
 
 
-def cache_damage(folder: Path, images: int) -> str | None:
-    """What is wrong with a built cache folder (a part deleted, an array cut short), or None when it is whole."""
+def intact_cache(folder: Path, images: int) -> DecodedImageCache | None:
+    """The cache built in `folder`, opened; None when there is none, or when it is damaged (a part deleted, an
+    array cut short), which a warning says and which is removed to be built again."""
+    if not folder.is_dir():
+        return None
     try:
-        index = json.loads((folder / INDEX_FILE).read_text())
-        readable = np.load(folder / READABLE_FILE)
-        pixels = np.load(folder / IMAGES_FILE, mmap_mode="r")
-    except (OSError, ValueError) as error:  # a missing file, or an array shorter than its header says
-        return (str(error).splitlines() or [type(error).__name__])[0][:120]
-    if not len(index.get("sources", [])) == len(readable) == len(pixels) == images:
-        return f"{len(pixels)} images where {images} are expected"
+        cache = DecodedImageCache(folder)
+        if len(cache.rows) == len(cache.readable) == len(cache.images) == images:
+            return cache
+        damage = f"{len(cache.images)} images where {images} are expected"
+    except (OSError, ValueError, KeyError) as error:  # a missing file or entry, an array shorter than its header says
+        damage = (str(error).splitlines() or [type(error).__name__])[0][:120]
+    print(f"warning: the cache {folder} is damaged ({damage}); building it again", file=sys.stderr)
+    shutil.rmtree(folder, ignore_errors=True)
     return None
 
 

@@ -129,23 +129,21 @@ def parse_with_config(parser: argparse.ArgumentParser, dataset: str, method: str
                       argv: list[str] | None) -> argparse.Namespace:
     """The flags of `argv`; with `--config OUTPUT/config.json`, the flags of the run that wrote it are the
     defaults, so the same command relaunches that run and any flag given here overrides its value."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=Path, default=None)
-    found, _ = pre.parse_known_args(argv)
-    if found.config is not None:
-        try:
-            record = json.loads(found.config.read_text())
-        except (OSError, ValueError) as error:
-            parser.error(f"--config {found.config}: not a readable config.json ({type(error).__name__})")
-        flags = record.get("flags") if isinstance(record, dict) else None
-        if not isinstance(flags, dict):
-            parser.error(f"--config {found.config}: no flags recorded (written by an older MIRL, or not a run's "
-                         "config.json)")
-        if (record.get("dataset"), record.get("method")) not in ((dataset, method), (dataset, "supervised")):
-            parser.error(f"--config {found.config}: written by a {record.get('method')} run on "
-                         f"{record.get('dataset')}, not by this script ({method} on {dataset})")
-        known = {action.dest for action in parser._actions}
-        parser.set_defaults(**{k: v for k, v in flags.items() if k in known and k != "config"})
+    args = parser.parse_args(argv)
+    if args.config is None:
+        return args
+    try:
+        record = json.loads(args.config.read_text())
+    except (OSError, ValueError) as error:
+        parser.error(f"--config {args.config}: not a readable config.json ({type(error).__name__})")
+    flags = record.get("flags") if isinstance(record, dict) else None
+    if not isinstance(flags, dict):
+        parser.error(f"--config {args.config}: no flags recorded (written by an older MIRL, or not a run's "
+                     "config.json)")
+    if (record.get("dataset"), record.get("method")) not in ((dataset, method), (dataset, "supervised")):
+        parser.error(f"--config {args.config}: written by a {record.get('method')} run on "
+                     f"{record.get('dataset')}, not by this script ({method} on {dataset})")
+    parser.set_defaults(**{k: v for k, v in flags.items() if k in vars(args) and k != "config"})
     return parser.parse_args(argv)
 
 

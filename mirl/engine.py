@@ -449,10 +449,11 @@ class Trainer:
         before = len(self.skipped)
         for index in indices:
             record = dataset.records[index]
-            if readable_text(record.image_id) not in known:
-                self.skipped.append([readable_text(record.image_id), readable_text(str(record.path)),
+            image_id = readable_text(record.image_id)
+            if image_id not in known:
+                self.skipped.append([image_id, readable_text(str(record.path)),
                                      readable_text(dataset.why_unreadable(index))])
-                known.add(readable_text(record.image_id))
+                known.add(image_id)
         if len(self.skipped) > before:  # later epochs meet the same files again: nothing new to write
             self._write_skipped()
 

@@ -60,6 +60,13 @@ def finished(rsna_root, tmp_path_factory) -> Path:
     return out
 
 
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run's output dir that a test may damage."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    return copy
+
+
 # ---------------------------------------------------------------- pre-emption
 
 @pytest.mark.slow
@@ -229,8 +236,7 @@ def test_no_identifying_tag_reaches_a_warning(tmp_path, capfd):
 
 @pytest.mark.slow
 def test_a_finished_model_is_not_retrained_when_its_states_were_deleted(finished, tmp_path, capsys):
-    copy = tmp_path / "copy"
-    shutil.copytree(finished, copy)
+    copy = copy_of(finished, tmp_path)
     shutil.rmtree(copy / "checkpoints")
     before = (copy / "checkpoint.pth").read_bytes()
     args = ["--data-root", tmp_path / "unused", "--output-dir", copy, *PRETRAIN]
@@ -240,8 +246,7 @@ def test_a_finished_model_is_not_retrained_when_its_states_were_deleted(finished
 
 @pytest.mark.slow
 def test_resume_auto_continues_from_the_published_checkpoint(finished, rsna_root, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(finished, copy)
+    copy = copy_of(finished, tmp_path)
     shutil.rmtree(copy / "checkpoints")
     result = pretrained(rsna_root, copy, "--resume", "auto")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -262,16 +267,14 @@ def test_a_downstream_result_is_not_overwritten(rsna_root, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("flag,value", [("--lr", "0.5"), ("--epochs", "3")])
 def test_resuming_with_another_schedule_is_refused(finished, tmp_path, capsys, flag, value):
-    copy = tmp_path / "copy"
-    shutil.copytree(finished, copy)
+    copy = copy_of(finished, tmp_path)
     args = ["--data-root", tmp_path / "unused", "--output-dir", copy, *PRETRAIN, flag, value, "--resume", "auto"]
     assert_one_line_error(run_entry(capsys, "RSNA_MoCo", "trainMoCoV2.py", *args), flag[2:])
 
 
 @pytest.mark.slow
 def test_a_damaged_newest_state_falls_back_to_the_older_one(finished, rsna_root, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(finished, copy)
+    copy = copy_of(finished, tmp_path)
     newest = sorted((copy / "checkpoints").iterdir())[-1]
     older = newest.with_name("state-e0000-b000001.pth")
     shutil.copy(newest, older)  # an older intact state beside it
@@ -381,8 +384,7 @@ def test_embed_of_a_checkpoint_with_a_bad_field_is_one_line(finished, rsna_root,
 ])
 @pytest.mark.slow
 def test_a_training_state_with_missing_or_extra_keys_is_one_line(finished, rsna_root, tmp_path, capsys, change):
-    copy = tmp_path / "copy"
-    shutil.copytree(finished, copy)
+    copy = copy_of(finished, tmp_path)
     newest = sorted((copy / "checkpoints").iterdir())[-1]
     state = torch.load(newest, weights_only=True)
     change(state)
