@@ -52,11 +52,13 @@ from mirl.cache import dataset_images, open_cache
 from mirl.cli import pretrain_parser
 from mirl.datasets import DATASETS, ImageDataset, ImageRecord, decode_record
 from mirl.edge import guarded
-from mirl.engine import TrainingStep, make_loader, prepare_network, resolve_device, resolve_precision
 from mirl.flags import OneLineParser, batch_size, image_size, positive_int
+from mirl.loaders import make_loader
 from mirl.models import METHODS, MoCo
 from mirl.pretrain import build_optimizer
+from mirl.runtime import prepare_network, resolve_device, resolve_precision
 from mirl.sample_data import write_rsna
+from mirl.training import TrainingStep
 
 
 @torch.no_grad()

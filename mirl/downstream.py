@@ -18,16 +18,18 @@ import torch.nn.functional as F
 from mirl import distributed
 from mirl.augment import RECIPES, BatchAugment
 from mirl.cache import open_cache
-from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
 from mirl.checkpoints import CHECKPOINT_NAME, check_same_run, load_checkpoint, reading_state, save_checkpoint
-from mirl.engine import RunLog, Trainer, make_loader, open_run, predict, prepare_network, resolve_device, \
-    resolve_precision, seed_everything
+from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
 from mirl.errors import CheckpointError, InputError
+from mirl.inference import predict
+from mirl.loaders import make_loader
 from mirl.metrics import bootstrap_interval, evaluate, primary_metric, reported_metrics
-from mirl.models import ENCODERS, build_classifier
+from mirl.models import ENCODERS, METHODS, MethodSpec, build_classifier
 from mirl.optim import build_scheduler
-from mirl.models import METHODS, MethodSpec
+from mirl.run_files import RunLog, open_run
+from mirl.runtime import prepare_network, resolve_device, resolve_precision, seed_everything
 from mirl.splits import load_splits
+from mirl.training import Trainer
 
 # MoCo's linear protocol (SGD, no weight decay, x0.1 at 60 % and 80 % of training), with the learning rate
 # chosen on the validation split: one head per rate of PROBE_LRS trains on the same frozen features, so

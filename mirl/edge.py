@@ -8,8 +8,9 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from mirl.engine import TrainingInterrupted, release_output_dirs
 from mirl.errors import InputError
+from mirl.run_files import release_output_dirs
+from mirl.training import TrainingInterrupted
 
 
 class StudyStopped(Exception):

@@ -14,14 +14,14 @@ import torch
 from matplotlib.figure import Figure
 from sklearn.manifold import TSNE
 
-from mirl.edge import guarded
-from mirl.flags import OneLineParser, image_size, positive_int
-from mirl.datasets import DATASETS
 from mirl.checkpoints import load_checkpoint, reading_state
-from mirl.engine import resolve_device, resolve_precision
+from mirl.datasets import DATASETS
+from mirl.edge import guarded
 from mirl.errors import CheckpointError
+from mirl.flags import OneLineParser, image_size, positive_int
 from mirl.models import ENCODERS, build_encoder
 from mirl.monitor import extract_features, sample_records
+from mirl.runtime import resolve_device, resolve_precision
 from mirl.splits import load_splits
 
 

@@ -43,9 +43,9 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.encaps import get_frame
-from pydicom.sequence import Sequence
 from pydicom.pixels import apply_color_lut, pixel_array
 from pydicom.pixels.utils import get_expected_length
+from pydicom.sequence import Sequence
 from pydicom.uid import JPEGLSTransferSyntaxes, JPEGTransferSyntaxes, UncompressedTransferSyntaxes
 
 from mirl.errors import UnreadableImageError

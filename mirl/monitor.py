@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from mirl.cache import DecodedImageCache
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
-from mirl.engine import evaluation_outputs, make_loader
+from mirl.inference import evaluation_outputs
+from mirl.loaders import make_loader
 from mirl.metrics import evaluate, primary_metric
 
 

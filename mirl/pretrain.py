@@ -15,16 +15,18 @@ import torch.nn as nn
 from mirl import distributed
 from mirl.augment import BatchAugment, recipe_for
 from mirl.cache import open_cache
-from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
 from mirl.checkpoints import check_same_run, reading_state
-from mirl.engine import RunLog, Trainer, make_loader, open_run, prepare_network, resolve_device, resolve_precision, \
-    seed_everything
+from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
 from mirl.errors import InputError
+from mirl.loaders import make_loader
 from mirl.models import METHODS, MethodSpec
 from mirl.monitor import KnnMonitor, sample_records
 from mirl.optim import LARS, build_scheduler, lars_parameter_groups
 from mirl.positives import PairedImages, partner_candidates
+from mirl.run_files import RunLog, open_run
+from mirl.runtime import prepare_network, resolve_device, resolve_precision, seed_everything
 from mirl.splits import load_splits
+from mirl.training import Trainer
 
 
 def pretraining_records(description: DatasetDescription,

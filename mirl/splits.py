@@ -15,8 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from mirl.datasets import DATASETS, DatasetDescription, ImageRecord
-from mirl.engine import atomic_write_text, prove_writable
 from mirl.errors import DataError, InputError
+from mirl.run_files import atomic_write_text, prove_writable
 
 FRACTIONS = (100, 50, 20, 10, 5, 1)
 TEST_PROPORTION = 0.2

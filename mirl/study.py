@@ -22,12 +22,11 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from mirl.cli import bound_dataset, downstream_script, pretrain_script
+from mirl.datasets import DATASETS, DatasetDescription
 from mirl.edge import StudyStopped, guarded
 from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_int
-from mirl.datasets import DATASETS, DatasetDescription
 from mirl.metrics import primary_metric, reported_metrics
-from mirl.models import ENCODERS
-from mirl.models import METHODS
+from mirl.models import ENCODERS, METHODS
 from mirl.splits import FRACTIONS
 
 SUPERVISED = "supervised"

@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mirl import distributed
-from mirl.engine import readable_batch, resolve_device
+from mirl.loaders import readable_batch
+from mirl.runtime import resolve_device
 from mirl.models import MoCo, SimCLR
 
 from conftest import REPO, TINY, assert_one_line_error

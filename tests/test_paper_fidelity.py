@@ -14,7 +14,7 @@ from conftest import TINY, assert_one_line_error, run_entry, run_script
 from mirl.augment import evaluation_view, affine_crop, source_side
 from mirl.datasets import square_uint8
 from mirl.downstream import FINETUNE_ENCODER_LR_SCALE, PROBE_LRS
-from mirl.engine import EpochSampler
+from mirl.loaders import EpochSampler
 from mirl.errors import InputError
 from mirl.metrics import weighted_log_loss
 from mirl.models import MoCo, SimCLR

@@ -10,7 +10,7 @@ import torch
 
 from conftest import TINY, run_script
 from mirl.datasets import ACDC, ISIC, RSNA, ImageDataset
-from mirl.engine import EpochSampler, make_loader
+from mirl.loaders import EpochSampler, make_loader
 from mirl.positives import PairedImages, partner_candidates
 from mirl.pretrain import pretraining_records
 

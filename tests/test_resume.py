@@ -17,7 +17,9 @@ from conftest import REPO, assert_one_line_error, run_entry, run_script
 from mirl.augment import source_side
 from mirl.checkpoints import CheckpointStore, load_checkpoint
 from mirl.datasets import ImageDataset, ImageRecord
-from mirl.engine import RunLog, Trainer, make_loader
+from mirl.loaders import make_loader
+from mirl.run_files import RunLog
+from mirl.training import Trainer
 from mirl.errors import CheckpointError
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the scripts

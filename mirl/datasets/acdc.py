@@ -12,7 +12,6 @@ from mirl.datasets.records import DatasetDescription, ImageRecord, find_images
 from mirl.errors import DataError, UnreadableImageError
 from mirl.imaging import nifti_slice_count
 
-
 ACDC_CLASSES = ("NOR", "MINF", "DCM", "HCM", "RV")
 
 

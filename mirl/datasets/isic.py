@@ -7,7 +7,6 @@ from mirl.datasets.csv_files import read_csv_checked, read_label_csv
 from mirl.datasets.records import DatasetDescription, ImageRecord
 from mirl.errors import DataError
 
-
 ISIC_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
 ISIC_LABEL_FILE = "ISIC_2019_Training_GroundTruth.csv"
 ISIC_METADATA_FILES = ("ISIC_2019_Training_Metadata.csv", "HAM10000_metadata.csv")

@@ -1,0 +1,135 @@
+"""A run's folder: proven writable and held by one run at a time, its store of training states, its
+TensorBoard events and JSON records, each file written atomically."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so runs on one output dir are not kept apart
+    fcntl = None
+
+from torch.utils.tensorboard import SummaryWriter
+
+from mirl.checkpoints import CheckpointStore, resume_state, writing
+from mirl.distributed import is_main_process
+from mirl.errors import OutputError
+
+
+def open_run(output_dir: Path, keep: int, publish: bool,
+             resume: str | None) -> tuple[CheckpointStore, Path | None, dict | None]:
+    """Before any heavy work: the output dir proven writable and held by this run alone, its store of
+    training states, and the state `--resume` asks to continue from (its path and contents; None for a
+    fresh run)."""
+    prepare_output_dir(output_dir)
+    lock_output_dir(output_dir)
+    store = CheckpointStore(output_dir, keep, publish)
+    resume_from, resumed = resume_state(resume, store)
+    return store, resume_from, resumed
+
+
+PROBE_BYTES = 2 ** 20
+
+
+def prepare_output_dir(path: Path) -> None:
+    """Create the output dir and prove it writable now, not after hours of training."""
+    prove_writable(path, "--output-dir")
+
+
+def prove_writable(path: Path, flag: str) -> None:
+    """Create the folder `flag` names and write a megabyte into it (an empty file can be created on a full
+    disk), or stop with one OutputError."""
+    probe = path / f".write-test.{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        raise OutputError(f"{flag} {path} cannot be written ({error.strerror or type(error).__name__})") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # not a folder at all: nothing was written
+            pass
+
+
+_HELD_LOCKS: dict[Path, IO[str]] = {}
+
+
+def lock_output_dir(path: Path) -> None:
+    """Hold `path/.lock` until `release_output_dirs` (rank 0's, under torchrun), so a second run started on
+    the same output dir stops at once instead of writing its records beside this one's. The operating system
+    releases the lock when the process ends, however it ends."""
+    key = path.resolve()
+    if fcntl is None or not is_main_process() or key in _HELD_LOCKS:
+        return
+    handle = open(path / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip()
+        handle.close()
+        raise OutputError(f"another run{f' (process {owner})' if owner.isdigit() else ''} is writing to {path}; "
+                          "wait for it to end or choose another --output-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _HELD_LOCKS[key] = handle
+
+
+def release_output_dirs() -> None:
+    """Let other runs use the output dirs this process locked (the scripts' edge calls it when a run ends)."""
+    for handle in _HELD_LOCKS.values():
+        handle.close()
+    _HELD_LOCKS.clear()
+
+
+@dataclass
+class RunLog:
+    """Where a run writes: TensorBoard events and JSON files, from the main process only."""
+
+    output_dir: Path
+    resumed_at_step: int | None = None
+
+    def __post_init__(self) -> None:
+        # a resumed run drops the events its killed predecessor logged after the state it continues from
+        self.writer = SummaryWriter(str(self.output_dir), purge_step=self.resumed_at_step) \
+            if is_main_process() else None
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.writer is not None and value is not None:
+            self.writer.add_scalar(name, value, step)
+
+    def json(self, name: str, payload: dict) -> None:
+        if is_main_process():
+            atomic_write_text(self.output_dir / name, json.dumps(payload, indent=2, default=str) + "\n")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temporary file of this process and rename: readers see the old or the new text.
+    File names that are not valid UTF-8 (held by Python as surrogate escapes) are written back as the
+    same bytes, so a list of image ids or files reads back exactly."""
+    with writing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
+
+
+def readable_text(text: str) -> str:
+    """`text` as valid UTF-8 for a file a person reads: bytes of a file name that are not UTF-8 (which
+    Python holds as surrogate escapes) are shown as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def csv_field(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"' if any(c in value for c in ',"\n') else value

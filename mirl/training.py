@@ -1,0 +1,235 @@
+"""The one training loop, shared by pretraining and downstream training.
+
+Pretraining and downstream training differ only in the `step_loss` function, the end-of-epoch
+callback and the snapshot of their own weights they hand to `Trainer`.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mirl.checkpoints import CheckpointStore, random_state, restore_random_state
+from mirl.datasets import ImageDataset
+from mirl.distributed import any_rank, gather_objects, is_main_process, rank
+from mirl.errors import DataError
+from mirl.loaders import EpochSampler, readable_batch
+from mirl.run_files import RunLog, atomic_write_text, csv_field, readable_text
+
+
+class TrainingStep:
+    """One optimisation step: `step_loss(images, labels)` under autocast, backward (scaled for fp16),
+    optimizer and scheduler. A non-finite loss stops training before it corrupts the weights."""
+
+    def __init__(self, step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                 device: torch.device, precision: torch.dtype | None) -> None:
+        self.step_loss, self.optimizer, self.scheduler = step_loss, optimizer, scheduler
+        self.device, self.precision = device, precision
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+        self.steps = 0
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        with torch.autocast(self.device.type, dtype=self.precision) if self.precision else nullcontext():
+            loss = self.step_loss(images, labels)
+        value = loss.item()
+        if any_rank(not math.isfinite(value), self.device):  # every rank stops together
+            raise FloatingPointError(f"the loss became {value} at step {self.steps + 1}; "
+                                     "lower the learning rate or use --precision fp32")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.steps += 1
+        return value
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped training; the message says where the state was saved."""
+
+
+class StopSignals:
+    """SIGINT and SIGTERM (Ctrl-C, a cluster's pre-emption notice) only raise a flag, which the loop
+    checks between steps: the checkpoint it then writes is a consistent state, never one caught halfway
+    through an optimizer step. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, frame: object) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number).name
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+class Trainer:
+    """The one training loop, shared by pretraining and downstream training.
+
+    Epochs of `step_loss(images, labels)` over a loader whose order comes from an `EpochSampler`.
+    Unreadable images are replaced in their batch by readable ones of it (`readable_batch`), counted on the
+    progress bar and listed once in `skipped.csv`. A training state goes to the `CheckpointStore` every
+    `save_every` steps, at every epoch end and when Ctrl-C or SIGTERM arrives; `restore` continues from one
+    exactly. `snapshot()` gives the caller's part of a state (weights and what it needs to reload them).
+    """
+
+    def __init__(self, step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader: DataLoader,
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 device: torch.device, precision: torch.dtype | None, store: CheckpointStore, save_every: int,
+                 snapshot: Callable[[], dict]) -> None:
+        if not isinstance(loader.sampler, EpochSampler):
+            raise ValueError("the training loader must draw its order from an EpochSampler (make_loader shuffle)")
+        self.step = TrainingStep(step_loss, optimizer, scheduler, device, precision)
+        self.loader, self.sampler = loader, loader.sampler
+        self.store, self.save_every, self.snapshot = store, save_every, snapshot
+        self.device = device
+        self.epoch, self.batch = 0, 0  # the next batch to train: `batch` batches of `epoch` are done
+        self.skipped: list[list[str]] = []  # [image id, file, reason] of every unreadable image met
+        self.skipped_csv = store.output_dir / "skipped.csv"
+        if is_main_process():
+            store.check_room(state_bytes(snapshot(), optimizer))
+
+    def state(self) -> dict:
+        step = self.step
+        return {
+            **self.snapshot(),
+            "optimizer": step.optimizer.state_dict(),
+            "scheduler": step.scheduler.state_dict() if step.scheduler is not None else None,
+            "scaler": step.scaler.state_dict(),
+            "steps": step.steps, "epoch": self.epoch, "batch": self.batch, "skipped": self.skipped,
+            "random": gather_objects(random_state()),  # one entry per rank: each has its own streams
+            "loader_generator": self.loader.generator.get_state(),
+        }
+
+    def restore(self, state: dict, source: Path) -> None:
+        """Continue from a state written by `state()` and read from `source` (the caller has loaded its
+        weights)."""
+        step = self.step
+        step.optimizer.load_state_dict(state["optimizer"])
+        if step.scheduler is not None:
+            step.scheduler.load_state_dict(state["scheduler"])
+        step.scaler.load_state_dict(state["scaler"])
+        step.steps, self.epoch, self.batch = state["steps"], state["epoch"], state["batch"]
+        self.skipped = [list(row) for row in state["skipped"]]
+        self._write_skipped()  # forget rows a killed predecessor wrote after this state
+        self.loader.generator.set_state(state["loader_generator"])
+        restore_random_state(state["random"][rank()])
+        print(f"resuming from {source} (epoch {self.epoch}, batch {self.batch})", file=sys.stderr)
+
+    def save(self) -> Path:
+        return self.store.save(self.state(), self.epoch, self.batch)
+
+    def fit(self, epochs: int, log: RunLog, end_of_epoch: Callable[[int], dict[str, float]],
+            train_mode: Callable[[], None]) -> None:
+        """Train up to `epochs` epochs; `end_of_epoch(epoch)` returns numbers for the progress bar."""
+        batch_size = self.loader.batch_size
+        epoch_bar = tqdm(range(self.epoch, epochs), desc="epochs", unit="epoch", initial=self.epoch, total=epochs,
+                         disable=not is_main_process())
+        with StopSignals() as stop:
+            for epoch in epoch_bar:
+                self.epoch = epoch
+                self.sampler.start(epoch, self.batch * batch_size)
+                train_mode()
+                readable = 0
+                batch_bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                                 initial=self.batch, total=self.batch + len(self.loader),
+                                 disable=not is_main_process())
+                for position, (images, labels, ok) in enumerate(batch_bar):
+                    self.batch += 1
+                    readable += int(ok.sum())
+                    if not ok.all():
+                        batch = self.sampler.indices[position * batch_size:(position + 1) * batch_size]
+                        unreadable = [i for i, good in zip(batch, ok.tolist()) if not good]
+                        self.note_unreadable(self.loader.dataset, unreadable)
+                    # BatchNorm and contrastive pairs need at least two images; every rank skips together
+                    if not any_rank(int(ok.sum()) < 2, self.device):
+                        loss = self._train_step(*readable_batch(images, labels, ok))
+                        log.scalar("train/loss", loss, self.step.steps)
+                        log.scalar("train/lr", self.step.optimizer.param_groups[0]["lr"], self.step.steps)
+                        batch_bar.set_postfix(loss=f"{loss:.4f}", skipped=len(self.skipped))
+                        if self.save_every and self.step.steps % self.save_every == 0:
+                            self.save()
+                    if any_rank(stop.received is not None, self.device):
+                        path = self.save()
+                        raise TrainingInterrupted(f"{stop.received or 'a stop signal'} received: saved the state after "
+                                                  f"epoch {epoch} batch {self.batch} to {path}; "
+                                                  "continue with --resume auto")
+                if readable == 0 and self.skipped:
+                    raise DataError(f"none of the {len(self.sampler.indices)} images of epoch {epoch + 1} could be "
+                                    f"read; the reasons are in {self.skipped_csv}")
+                log.scalar("data/skipped_images", len(self.skipped), epoch)
+                summary = end_of_epoch(epoch)
+                self.epoch, self.batch = epoch + 1, 0
+                self.save()
+                epoch_bar.set_postfix({k: f"{v:.4f}" for k, v in summary.items() if v is not None},
+                                      skipped=len(self.skipped))
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        try:
+            return self.step(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+        except FloatingPointError as error:
+            newest = self.store.newest()
+            kept = f"the last good state is {newest}" if newest else "no state had been saved yet"
+            raise FloatingPointError(f"{error}; {kept}") from None
+
+    def note_unreadable(self, dataset: ImageDataset, indices: list[int]) -> None:
+        """Record each unreadable image (of training, or of an evaluation split) once, with the reason its
+        reader gives."""
+        known = {row[0] for row in self.skipped}
+        before = len(self.skipped)
+        for index in indices:
+            record = dataset.records[index]
+            image_id = readable_text(record.image_id)
+            if image_id not in known:
+                self.skipped.append([image_id, readable_text(str(record.path)),
+                                     readable_text(dataset.why_unreadable(index))])
+                known.add(image_id)
+        if len(self.skipped) > before:  # later epochs meet the same files again: nothing new to write
+            self._write_skipped()
+
+    def _write_skipped(self) -> None:
+        if not is_main_process() or not (self.skipped or self.skipped_csv.exists()):
+            return
+        lines = ["image_id,file,reason"] + [",".join(csv_field(v) for v in row) for row in self.skipped]
+        atomic_write_text(self.skipped_csv, "\n".join(lines) + "\n")
+
+
+def state_bytes(snapshot: dict, optimizer: torch.optim.Optimizer) -> int:
+    """About how many bytes a training state takes on disk: each tensor of the snapshot once (torch.save
+    stores shared storage once), and two buffers per trained parameter for the optimizer (momentum; Adam's
+    two moments), which exist only after the first step."""
+    seen: dict[int, int] = {}
+
+    def visit(value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+    visit(snapshot)
+    trained = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+    return sum(seen.values()) + 2 * trained
