@@ -49,14 +49,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, AugmentRecipe, BatchAugment, recipe_for
 from mirl.cache import dataset_images, open_cache
-from mirl.cli import pretrain_parser
 from mirl.datasets import DATASETS, ImageDataset, ImageRecord, decode_record
 from mirl.edge import guarded
 from mirl.flags import OneLineParser, batch_size, image_size, positive_int
 from mirl.loaders import make_loader
+from mirl.moco import MAX_QUEUE
 from mirl.models import METHODS, MoCo
 from mirl.pretrain import build_optimizer
-from mirl.runtime import prepare_network, resolve_device, resolve_precision
+from mirl.runtime import precision_name, prepare_network, resolve_device, resolve_precision
 from mirl.sample_data import write_rsna
 from mirl.training import TrainingStep
 
@@ -123,19 +123,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def pretraining_model(method: str, args: argparse.Namespace, reference: bool, total_steps: int = 10 ** 6
-                      ) -> torch.nn.Module:
-    """The method's network; for the papers' recipe, MoCo with the reference's per-parameter momentum loop."""
-    model = METHODS[method].build(args, 0, total_steps)
+def pretraining_model(method: str, arch: str, reference: bool, total_steps: int = 10 ** 6) -> torch.nn.Module:
+    """The method's network with its default options and, for the queue methods, the paper's K; for the
+    papers' recipe, MoCo with the reference's per-parameter momentum loop."""
+    spec = METHODS[method]
+    model = spec.build(arch, spec.options({"queue_size": MAX_QUEUE} if spec.queue else {}), 0, total_steps)
     if reference and isinstance(model, MoCo):
         model.momentum_update = partial(loop_momentum_update, model)
     return model
 
 
-def contrastive_step(model: torch.nn.Module, method: str, args: argparse.Namespace, device: torch.device,
+def contrastive_step(model: torch.nn.Module, method: str, batch_size: int, device: torch.device,
                      precision: torch.dtype | None, views: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
                      ) -> TrainingStep:
-    optimizer = build_optimizer(model, METHODS[method], args)
+    """One training step of the method's optimizer at its paper learning rate for `batch_size`."""
+    spec = METHODS[method]
+    optimizer = build_optimizer(model, spec.optimizer, spec.lr_per_256 * batch_size / 256, spec.weight_decay)
     return TrainingStep(lambda images, _: model(*views(images))[0], optimizer, None, device, precision)
 
 
@@ -188,6 +191,7 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     description = DATASETS[args.dataset]
+    data_root = data_root.resolve()  # as the cache names its images
     records = dataset_images(description, data_root)
     recipes = [recipe_for(name, "paper") for name in METHODS[args.method].recipes]
     first_view, second_view = (BatchAugment(recipe, args.image_size) for recipe in recipes)
@@ -209,16 +213,17 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
 
     # the ceiling (steps on views already on the device) and the real path (cache, loader, augmentation
     # on the device) on the same model, measured in alternating blocks
-    model = prepare_network(pretraining_model(args.method, args, reference=False), device, True, args.compile)
+    model = prepare_network(pretraining_model(args.method, args.arch, reference=False), device, True, args.compile)
     model.train()
     sample = ImageDataset(records[:args.batch_size], args.image_size, 0, cache)
     first = torch.stack([sample[i][0] for i in range(len(sample))]).to(device)
     fixed_views = torch.stack([first_view(first), second_view(first)]).contiguous()
-    model_step = contrastive_step(model, args.method, args, device, precision, lambda views: (views[0], views[1]))
+    model_step = contrastive_step(model, args.method, args.batch_size, device, precision,
+                                  lambda views: (views[0], views[1]))
     loader = make_loader(ImageDataset(records, args.image_size, 0, cache), args.batch_size, args.workers,
                          shuffle=True, drop_last=True, seed=0)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    pipeline_step = contrastive_step(model, args.method, args, device, precision,
+    pipeline_step = contrastive_step(model, args.method, args.batch_size, device, precision,
                                      lambda images: (first_view(images), second_view(images)))
 
     def model_only_one() -> int:
@@ -234,7 +239,7 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
 
     baseline_per_s = None
     if not args.skip_baseline:
-        reference = pretraining_model(args.method, args, reference=True).to(device)
+        reference = pretraining_model(args.method, args.arch, reference=True).to(device)
         reference.train()
         papers_views = [pil_views(recipe, args.image_size) for recipe in recipes]
         reference_loader = DataLoader(DecodeAndAugmentEveryTime(records, papers_views),
@@ -242,7 +247,7 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
                                       num_workers=args.workers, persistent_workers=args.workers > 0,
                                       pin_memory=device.type == "cuda")
         reference_batches = itertools.chain.from_iterable(itertools.repeat(reference_loader))
-        reference_step = contrastive_step(reference, args.method, args, device, None,
+        reference_step = contrastive_step(reference, args.method, args.batch_size, device, None,
                                           lambda views: (views[:, 0], views[:, 1]))
 
         def baseline_one() -> int:
@@ -272,7 +277,7 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
         "peak_memory_mb": peak_memory,
         "unit": "image pairs/s",
         "device": device_name(device),
-        "precision": str(precision or "fp32").replace("torch.", ""),
+        "precision": precision_name(precision),
         "torch": torch.__version__,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "images": len(records),
@@ -297,12 +302,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
-    # the method's own flags (temperature, queue, EMA...) at their scripts' defaults, the queue at the paper's K
-    paper_queue = ["--queue-size", "65536"] if METHODS[args.method].queue else []
-    method_flags = pretrain_parser(args.dataset, args.method, Path.cwd()).parse_args(paper_queue)
-    for name, value in vars(method_flags).items():
-        if not hasattr(args, name):
-            setattr(args, name, value)
 
     def benchmark() -> None:
         with tempfile.TemporaryDirectory(prefix="mirl-benchmark-") as scratch:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from mirl.distributed import convert_to_cross_rank_batchnorm
 from mirl.encoders import build_encoder
 from mirl.flags import positive_float
-from mirl.method_spec import MethodSpec
+from mirl.method_spec import MethodSpec, Options
 
 BASE_TARGET_MOMENTUM = 0.996
 HIDDEN_DIM, PROJECTION_DIM = 4096, 256
@@ -96,8 +96,8 @@ def byol_flags(parser: argparse.ArgumentParser) -> None:
                         help="the EMA target's rate at the start; it rises to 1 along a cosine")
 
 
-def build_byol(args: argparse.Namespace, label_dim: int, total_steps: int) -> nn.Module:
-    return BYOL(args.arch, total_steps, base_momentum=args.target_momentum)
+def build_byol(arch: str, options: Options, label_dim: int, total_steps: int) -> nn.Module:
+    return BYOL(arch, total_steps, base_momentum=options["target_momentum"])
 
 
 # LARS at 0.2 per 256 images, weight decay 1.5e-6, 10 warm-up epochs, cosine, 300 epochs; asymmetric views

@@ -124,7 +124,12 @@ def build_cache(records: list[ImageRecord], image_size: int, folder: Path, worke
 
 def open_cache(description: DatasetDescription, root: Path, image_size: int, cache_root: Path,
                workers: int) -> DecodedImageCache:
-    """The dataset's cache for these settings, built first if it does not exist (by rank 0 under DDP)."""
+    """The dataset's cache for these settings, built first if it does not exist (by rank 0 under DDP).
+
+    The cache names images by their full path with links resolved, so one data folder named by another
+    spelling (relative, through a link) reads the same cache; callers list their records from the resolved
+    root (run configs resolve their paths)."""
+    root = root.resolve()
     records = dataset_images(description, root)
     if not records:
         raise InputError(f"no images found under {root}; {description.data_hint}")
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     def build() -> None:
         description = DATASETS[args.dataset]
         description.check_root(args.data_root)
-        cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers)
+        cache = open_cache(description, args.data_root.resolve(), args.image_size, args.cache, args.workers)
         unreadable = int((~cache.readable).sum())
         print(f"{cache.folder}: {len(cache.readable)} images, {unreadable} unreadable")
     return guarded(build)

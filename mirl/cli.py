@@ -6,10 +6,12 @@ method they bind; defaults for data, splits and outputs live next to the script.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import os
 from pathlib import Path
 
+from mirl.checkpoints import CHECKPOINT_NAME
+from mirl.config import DownstreamConfig, PretrainConfig, RunConfig
 from mirl.datasets import DATASETS, DatasetDescription, with_label_csv
 from mirl.downstream import downstream
 from mirl.edge import guarded
@@ -25,34 +27,38 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epo
     parser.add_argument("--data-root", type=Path, default=folder / "data",
                         help="dataset folder (default: data/ beside the script)")
     parser.add_argument("--output-dir", type=Path, default=None,
-                        help="where checkpoint, config.json, metrics and TensorBoard logs go")
-    parser.add_argument("--split-dir", type=Path, default=folder / "splits",
-                        help="label-fraction split files, made on first use (default: splits/ beside the script)")
+                        help="where checkpoint, config.json, metrics and TensorBoard logs go (default: runs/RUN "
+                             "beside the script for its data/ folder, runs/DATA-HASH/RUN for other data)")
+    parser.add_argument("--split-dir", type=Path, default=None,
+                        help="label-fraction split files, made on first use (default: splits/ beside the script "
+                             "for its data/ folder, splits/DATA-HASH/ for other data)")
     parser.add_argument("--epochs", type=positive_int, default=default_epochs)
-    parser.add_argument("--batch-size", type=batch_size, default=256)
+    parser.add_argument("--batch-size", type=batch_size, default=RunConfig.batch_size)
     parser.add_argument("--arch", choices=sorted(ENCODERS), default=None,
                         help="encoder architecture (default resnet50; downstream: the checkpoint's)")
-    parser.add_argument("--image-size", type=image_size, default=224)
-    parser.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--image-size", type=image_size, default=RunConfig.image_size)
+    parser.add_argument("--workers", type=non_negative_int, default=RunConfig.workers)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast dtype; auto is bf16 where the device runs it fast")
     parser.add_argument("--lr", type=positive_float, default=None,
-                        help="learning rate (default: the method's; a linear probe chooses it on validation from a grid)")
+                        help="the learning rate itself, used as given (default: pretraining scales the method's "
+                             "rate per 256 images to the global batch; a linear probe chooses it on validation from "
+                             "a grid; fine-tuning uses 0.001); config.json records the rate used")
     parser.add_argument("--config", type=Path, default=None, metavar="OUTPUT/config.json",
                         help="relaunch the run that wrote this config.json: its flags are the defaults, and any flag "
                              "given here overrides one of them (e.g. --output-dir)")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=RunConfig.seed)
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic kernels only: the same seed gives the same weights, and a resumed run "
                              "ends where an unbroken one does (slower on GPUs)")
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="continue from the newest training state in --output-dir (auto; starts afresh when "
                              "there is none) or from a given state file")
-    parser.add_argument("--save-every", type=non_negative_int, default=500, metavar="STEPS",
+    parser.add_argument("--save-every", type=non_negative_int, default=RunConfig.save_every, metavar="STEPS",
                         help="also save a training state every STEPS optimizer steps inside an epoch (0: epoch ends "
                              "only)")
-    parser.add_argument("--keep", type=positive_int, default=2,
+    parser.add_argument("--keep", type=positive_int, default=RunConfig.keep,
                         help="how many of the newest training states to keep in OUTPUT_DIR/checkpoints")
     parser.add_argument("--cache", type=Path, default=None,
                         help="folder of decoded-image caches (mirl.cache): built on first use, then read "
@@ -73,17 +79,16 @@ def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.Argumen
     parser = OneLineParser(prog=f"{spec.title} pretraining on {dataset}",
                            description=f"Self-supervised {spec.title} pretraining of an encoder; labels unused.")
     _common_arguments(parser, folder, spec.epochs)
-    parser.set_defaults(supervised=False)  # label-aware pretraining exists for the queue methods only
     parser.add_argument("--optimizer", choices=("sgd", "lars"), default=spec.optimizer)
     parser.add_argument("--augment", choices=("grey", "paper"), default=None,
                         help="augmentation recipe: grey-scale CT/MR or the paper's colour one "
                              "(default: grey for CT and MR datasets)")
-    parser.add_argument("--positives", choices=POSITIVES, default="views",
+    parser.add_argument("--positives", choices=POSITIVES, default=PretrainConfig.positives,
                         help="what a pair's two views come from: two augmentations of one image (views), two "
                              "neighbouring images of one study (study: adjacent slices of a series or volume, "
                              "another photo of a lesion), or any two images of one patient (patient); an image "
                              "without another pairs with itself")
-    parser.add_argument("--knn-images", type=int, default=2000,
+    parser.add_argument("--knn-images", type=non_negative_int, default=PretrainConfig.knn_images,
                         help="labelled train images in the kNN monitor's bank (half as many val queries); 0: off")
     spec.add_flags(parser)
     if spec.queue:
@@ -102,8 +107,12 @@ def downstream_parser(dataset: str, method: str, folder: Path) -> argparse.Argum
                                        "(fine-tune, or --frozen linear probe) or a supervised ResNet (--resnet).")
     _common_arguments(parser, folder, 0)
     parser.set_defaults(epochs=None)
-    parser.add_argument("--pretrained", type=Path, default=folder / "runs" / method / "checkpoint.pth",
-                        help=f"checkpoint written by {spec.script}")
+    parser.add_argument("--pretrained", type=Path, default=None,
+                        help=f"checkpoint written by {spec.script} (default: the one it wrote by default for "
+                             "the same data)")
+    parser.add_argument("--transfer", action="store_true",
+                        help="the --pretrained encoder was pretrained on other data on purpose (otherwise a "
+                             "checkpoint of other data, or of other splits, is refused)")
     parser.add_argument("--fraction", type=int, choices=FRACTIONS, default=100, help="percent of training labels")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--frozen", action="store_true", help="train only a linear head on the frozen encoder")
@@ -116,13 +125,13 @@ def downstream_parser(dataset: str, method: str, folder: Path) -> argparse.Argum
     return parser
 
 
-def bound_dataset(dataset: str, args: argparse.Namespace) -> DatasetDescription:
+def bound_dataset(dataset: str, config: RunConfig) -> DatasetDescription:
     """The script's dataset, or the user's own labelled data when `--labels` is given."""
-    if args.labels is None:
-        if args.group_column is not None:
+    if config.labels is None:
+        if config.group_column is not None:
             raise InputError("--group-column names a column of your --labels CSV; pass --labels too")
         return DATASETS[dataset]
-    return with_label_csv(DATASETS[dataset], args.labels, args.data_root, args.group_column)
+    return with_label_csv(DATASETS[dataset], config.labels, config.data_root, config.group_column)
 
 
 def parse_with_config(parser: argparse.ArgumentParser, dataset: str, method: str,
@@ -147,19 +156,43 @@ def parse_with_config(parser: argparse.ArgumentParser, dataset: str, method: str
     return parser.parse_args(argv)
 
 
+def data_folder_name(folder: Path, data_root: Path, labels: Path | None) -> str | None:
+    """The sub-folder of runs/ and splits/ that keeps runs on different data apart: none for the data/
+    folder beside the scripts, else the data folder's name and a hash of its full path and label CSV (so
+    another spelling of the same path names the same folder)."""
+    root = data_root.resolve()
+    if root == (folder / "data").resolve() and labels is None:
+        return None
+    digest = hashlib.sha256(f"{root}\0{labels.resolve() if labels else ''}".encode()).hexdigest()[:8]
+    return f"{root.name or 'root'}-{digest}"
+
+
+def default_folders(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    """Where the script's runs go by default, and its split files, for the data it is given."""
+    name = data_folder_name(folder, args.data_root, args.labels)
+    runs, splits = folder / "runs", folder / "splits"
+    return (runs, splits) if name is None else (runs / name, splits / name)
+
+
 def pretrain_script(dataset: str, method: str, script_file: str, argv: list[str] | None = None) -> int:
     """Entry point of every dataset folder's pretraining scripts."""
     folder = Path(script_file).resolve().parent
     args = parse_with_config(pretrain_parser(dataset, method, folder), dataset, method, argv)
-    default_run = f"{method}_super_{args.fraction}F" if args.supervised else method
-    args.output_dir = args.output_dir or folder / "runs" / default_run
-    return guarded(lambda: pretrain(bound_dataset(dataset, args), method, args))
+    runs, splits = default_folders(folder, args)
+    supervised = getattr(args, "supervised", False)
+    default_run = f"{method}_super_{args.fraction}F" if supervised else method
+    config = PretrainConfig.from_flags({**vars(args), "method": method, "split_dir": args.split_dir or splits,
+                                        "output_dir": args.output_dir or runs / default_run})
+    return guarded(lambda: pretrain(bound_dataset(dataset, config), config))
 
 
 def downstream_script(dataset: str, method: str, script_file: str, argv: list[str] | None = None) -> int:
     """Entry point of every dataset folder's downstream scripts."""
     folder = Path(script_file).resolve().parent
     args = parse_with_config(downstream_parser(dataset, method, folder), dataset, method, argv)
+    runs, splits = default_folders(folder, args)
     mode = "resnet" if args.resnet else f"{method}_{'frozen' if args.frozen else 'finetune'}"
-    args.output_dir = args.output_dir or folder / "runs" / f"{mode}_{args.fraction}F"
-    return guarded(lambda: downstream(bound_dataset(dataset, args), method, args))
+    config = DownstreamConfig.from_flags({**vars(args), "method": method, "split_dir": args.split_dir or splits,
+                                          "output_dir": args.output_dir or runs / f"{mode}_{args.fraction}F",
+                                          "pretrained": args.pretrained or runs / method / CHECKPOINT_NAME})
+    return guarded(lambda: downstream(bound_dataset(dataset, config), config))

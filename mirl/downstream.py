@@ -6,8 +6,8 @@ validation metrics.
 """
 from __future__ import annotations
 
-import argparse
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from mirl import distributed
 from mirl.augment import RECIPES, BatchAugment
 from mirl.cache import open_cache
 from mirl.checkpoints import CHECKPOINT_NAME, check_same_run, load_checkpoint, reading_state, save_checkpoint
+from mirl.config import DownstreamConfig
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
 from mirl.errors import CheckpointError, InputError
 from mirl.inference import predict
@@ -26,9 +27,9 @@ from mirl.loaders import make_loader
 from mirl.metrics import bootstrap_interval, evaluate, primary_metric, reported_metrics
 from mirl.models import ENCODERS, METHODS, MethodSpec, build_classifier
 from mirl.optim import build_scheduler
-from mirl.run_files import RunLog, open_run
-from mirl.runtime import prepare_network, resolve_device, resolve_precision, seed_everything
-from mirl.splits import load_splits
+from mirl.run_files import RunLog, open_run, provenance
+from mirl.runtime import precision_name, prepare_network, resolve_device, resolve_precision, seed_everything
+from mirl.splits import load_splits, split_digest
 from mirl.training import Trainer
 
 # MoCo's linear protocol (SGD, no weight decay, x0.1 at 60 % and 80 % of training), with the learning rate
@@ -73,26 +74,62 @@ def with_chosen_head(state: dict[str, torch.Tensor], prefix: str, head: int) -> 
     return plain
 
 
-def pretrained_encoder(method: MethodSpec, args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """The encoder weights of a pretraining checkpoint, checked to come from `method` and `--arch`."""
-    if not args.pretrained.is_file():
-        raise CheckpointError(f"no checkpoint at {args.pretrained}; run {method.script} first "
+def pretrained_encoder(method: MethodSpec,
+                       config: DownstreamConfig) -> tuple[str, dict[str, torch.Tensor], dict | None]:
+    """The architecture and encoder weights of a pretraining checkpoint, checked to come from `method` and
+    to match `--arch` when it is given, and its record of the data it was pretrained on (None: an older MIRL)."""
+    path = config.pretrained
+    if path is None or not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; run {method.script} first "
                               "or pass --pretrained PATH (or --resnet for the supervised baseline)")
-    checkpoint = load_checkpoint(args.pretrained)
+    checkpoint = load_checkpoint(path)
     found = checkpoint.get("method") if isinstance(checkpoint, dict) else None
     if found != method.name or "encoder" not in checkpoint:
         origin = f"a {METHODS[found].title} checkpoint" if found in METHODS else "not a MIRL pretraining checkpoint"
-        raise CheckpointError(f"{args.pretrained} is {origin}; this script needs one written by {method.script}")
+        raise CheckpointError(f"{path} is {origin}; this script needs one written by {method.script}")
     arch, encoder = checkpoint.get("arch"), checkpoint["encoder"]
     if not isinstance(arch, str) or arch not in ENCODERS:
-        raise CheckpointError(f"{args.pretrained} names no known architecture ({str(arch)[:40]!r}; known: "
+        raise CheckpointError(f"{path} names no known architecture ({str(arch)[:40]!r}; known: "
                               f"{', '.join(sorted(ENCODERS))})")
     if not isinstance(encoder, dict) or not all(isinstance(v, torch.Tensor) for v in encoder.values()):
-        raise CheckpointError(f"{args.pretrained}: its encoder is not a mapping of names to tensors")
-    if args.arch is not None and args.arch != arch:
-        raise CheckpointError(f"{args.pretrained} holds a {arch} encoder but --arch is {args.arch}")
-    args.arch = arch
-    return encoder
+        raise CheckpointError(f"{path}: its encoder is not a mapping of names to tensors")
+    if config.arch is not None and config.arch != arch:
+        raise CheckpointError(f"{path} holds a {arch} encoder but --arch is {config.arch}")
+    data = checkpoint.get("data")
+    return arch, encoder, data if isinstance(data, dict) else None
+
+
+def check_pretraining_data(config: DownstreamConfig, data: dict | None, test: list[ImageRecord]) -> None:
+    """Refuse an encoder pretrained on other data, or with another test split held out (it may have seen
+    this run's test images), unless `--transfer` says so on purpose. A checkpoint pretrained with labels
+    records its held-out test split; one pretrained on a folder without labels, its folder."""
+    if config.transfer or data is None:
+        return
+    advice = "pass --transfer if it was pretrained on other data on purpose, or --pretrained another checkpoint"
+    if data.get("test_split") is not None:
+        if data["test_split"] != split_digest([r.image_id for r in test]):
+            raise CheckpointError(f"{config.pretrained} was pretrained on other data or with other splits (its "
+                                  f"held-out test split is not this run's, so it may have seen these test images; "
+                                  f"pretrained on {data.get('root')}); {advice}")
+    elif data.get("root") != str(config.data_root):
+        raise CheckpointError(f"{config.pretrained} was pretrained on {data.get('root')}, not on "
+                              f"{config.data_root}; {advice}")
+
+
+def starting_weights(method: MethodSpec, config: DownstreamConfig
+                     ) -> tuple[str, dict[str, torch.Tensor] | None, Path | None, dict | None]:
+    """The architecture and the encoder weights a run starts from, the file they came from (the pretrained
+    checkpoint, local torchvision weights with `--resnet --init-weights`, or none: random) and the
+    pretraining's record of its data."""
+    if config.init_weights is not None and not config.resnet:
+        raise InputError("--init-weights goes with --resnet; without it the encoder comes from --pretrained")
+    if not config.resnet:
+        arch, encoder, data = pretrained_encoder(method, config)
+        return arch, encoder, config.pretrained, data
+    arch = config.arch or "resnet50"
+    if config.init_weights is None:
+        return arch, None, None, None
+    return arch, torchvision_weights(config.init_weights, arch), config.init_weights, None
 
 
 def torchvision_weights(path: Path, arch: str) -> dict[str, torch.Tensor]:
@@ -114,136 +151,160 @@ def load_encoder(model: nn.Module, encoder: dict[str, torch.Tensor], source: Pat
         raise CheckpointError(f"{source} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def records_of(split: list[str], by_id: dict[str, ImageRecord]) -> list[ImageRecord]:
-    return [by_id[image_id] for image_id in split]
+def labelled_splits(description: DatasetDescription,
+                    config: DownstreamConfig) -> tuple[list[ImageRecord], list[ImageRecord], list[ImageRecord]]:
+    """The train images of the run's label fraction, and the val and test images, from the split files."""
+    description.check_root(config.data_root)
+    records = description.find_labelled(config.data_root)
+    splits = load_splits(description, records, config.split_dir)
+    by_id = {r.image_id: r for r in records}
+    train, val, test = ([by_id[image_id] for image_id in splits[name]]
+                        for name in (f"train{config.fraction}F", "val", "test"))
+    if len(train) < 2:
+        raise InputError(f"the {config.fraction} % split has {len(train)} image; pick a larger --fraction")
+    return train, val, test
 
 
-def downstream(description: DatasetDescription, method_name: str, args: argparse.Namespace) -> None:
+def epochs_and_passes(config: DownstreamConfig, train_images: int, batch_size: int) -> tuple[int, int]:
+    """The run's epochs (`--epochs`, else the mode's default) and passes over the split per epoch: without
+    `--epochs`, enough passes that the run takes at least MIN_STEPS optimizer steps."""
+    if config.epochs:
+        return config.epochs, 1
+    epochs = FROZEN_EPOCHS if config.frozen else FINETUNE_EPOCHS
+    return epochs, math.ceil(math.ceil(MIN_STEPS / epochs) * batch_size / train_images)
+
+
+def classifier_optimizer(model: nn.Module, config: DownstreamConfig, probe_lrs: tuple[float, ...],
+                         pretrained: bool) -> torch.optim.Optimizer:
+    """The linear probe: SGD, one parameter group per head of the grid at its own rate. Fine-tuning: AdamW,
+    the head at `--lr` (default FINETUNE_LR), the encoder at `--encoder-lr-scale` times that."""
+    architecture = ENCODERS[config.arch]
+    if config.frozen:
+        grid = architecture.output_layer(model)
+        return torch.optim.SGD([{"params": list(h.parameters()), "lr": lr} for h, lr in zip(grid.heads, probe_lrs)],
+                               lr=probe_lrs[0], momentum=0.9, weight_decay=0.0)
+    head, head_lr = architecture.classifier_prefix, config.lr or FINETUNE_LR
+    # a randomly initialised encoder has no features to protect: it always trains at the head's rate
+    encoder_scale = config.encoder_lr_scale if config.encoder_lr_scale is not None else \
+        (FINETUNE_ENCODER_LR_SCALE if pretrained else 1.0)
+    groups = [{"params": [p for n, p in model.named_parameters() if n.startswith(head)], "lr": head_lr},
+              {"params": [p for n, p in model.named_parameters() if not n.startswith(head)],
+               "lr": head_lr * encoder_scale}]
+    return torch.optim.AdamW(groups, lr=head_lr, weight_decay=1e-4)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Binary cross-entropy per label (multi-label) or softmax cross-entropy. Logits of a probe grid
+    (B x heads x classes) give the sum of each head's own mean loss, so each head gets its own gradient."""
+    if logits.dim() == 3:
+        heads = logits.shape[1]
+        return heads * classification_loss(logits.flatten(0, 1), labels.repeat_interleave(heads, dim=0), multilabel)
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    return F.cross_entropy(logits, labels.argmax(dim=1))
+
+
+def split_metrics(description: DatasetDescription, split: list[ImageRecord], truth: np.ndarray,
+                  probability: np.ndarray, kept: np.ndarray, interval: bool = False) -> dict:
+    """Metrics of one split's predictions (of its readable images, `kept`); with `interval`, a
+    patient-bootstrap 95 % interval of the headline ones. Images that could not be read are counted
+    (`unreadable_images`) and listed in skipped.csv, never silently left out."""
+    classes, multilabel = description.classes, description.multilabel
+    patients = [description.patient_group(split[i]) or split[i].image_id for i in kept] \
+        if description.patient_vote or interval else None
+    metrics = evaluate(truth, probability, classes, multilabel, patients if description.patient_vote else None)
+    if interval:
+        metrics["ci95"] = {
+            name: bootstrap_interval(truth, probability, patients,
+                                     lambda y, p, name=name: evaluate(y, p, classes, multilabel)[name])
+            for name in reported_metrics(multilabel)}
+    metrics["unreadable_images"] = len(split) - len(kept)
+    return metrics
+
+
+def four_digits(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def selection_score(metrics: dict, selection: str) -> float:
+    """What picks the epoch (and the probe's head): the selection metric, else minus the weighted log loss
+    (RSNA when a split holds a single class)."""
+    return metrics[selection] if metrics[selection] is not None else -metrics.get("weighted_log_loss", 0.0)
+
+
+def downstream(description: DatasetDescription, config: DownstreamConfig) -> None:
     """Train and evaluate a classifier on `--fraction` % of the labels; writes metrics.json and checkpoint.pth."""
-    method = METHODS[method_name]
-    flags = dict(vars(args))  # as given, before anything is settled: --config relaunches with them
-    args = argparse.Namespace(**flags)  # what this run settles (architecture, epochs) never reaches the caller's
-    if args.init_weights is not None and not args.resnet:
-        raise InputError("--init-weights goes with --resnet; without it the encoder comes from --pretrained")
-    device = resolve_device(args.device)
+    method = METHODS[config.method]
+    device = resolve_device(config.device)
     distributed.init_from_environment(device)  # first: the run's identity holds the world size
-    store, resume_from, resumed = open_run(args.output_dir, args.keep, publish=False, resume=args.resume)
-    encoder, source = None, None
-    if args.resnet:
-        args.arch = args.arch or "resnet50"
-        if args.init_weights is not None:
-            encoder, source = torchvision_weights(args.init_weights, args.arch), args.init_weights
-    else:
-        encoder, source = pretrained_encoder(method, args), args.pretrained
-    mode = "resnet" if args.resnet else ("frozen" if args.frozen else "finetune")
-    identity = {"method": "supervised" if args.resnet else method.name, "mode": mode, "dataset": description.name,
-                "arch": args.arch, "fraction": args.fraction, "batch_size": args.batch_size,
-                "image_size": args.image_size, "world_size": distributed.world_size(),
+    store, resume_from, resumed = open_run(config.output_dir, config.keep, publish=False, resume=config.resume)
+    arch, encoder, source, pretraining_data = starting_weights(method, config)
+    run = replace(config, arch=arch)
+    mode = run.mode
+    identity = {"method": "supervised" if run.resnet else method.name, "mode": mode, "dataset": description.name,
+                "arch": run.arch, "fraction": run.fraction, "batch_size": run.batch_size,
+                "image_size": run.image_size, "world_size": distributed.world_size(),
                 # the schedule follows from these: a resumed run with others would silently train another one
-                "lr": args.lr, "epochs": args.epochs, "encoder_lr_scale": args.encoder_lr_scale}
+                "lr": run.lr, "epochs": run.epochs, "encoder_lr_scale": run.encoder_lr_scale}
     if resumed is not None:
         check_same_run(resumed, identity, resume_from)
-    precision = resolve_precision(args.precision, device)
-    description.check_root(args.data_root)
-    records = description.find_labelled(args.data_root)
-    splits = load_splits(description, records, args.split_dir)
-    by_id = {r.image_id: r for r in records}
-    train, val, test = (records_of(splits[name], by_id) for name in (f"train{args.fraction}F", "val", "test"))
-    if len(train) < 2:
-        raise InputError(f"the {args.fraction} % split has {len(train)} image; pick a larger --fraction")
+    precision = resolve_precision(run.precision, device)
+    train, val, test = labelled_splits(description, run)
+    check_pretraining_data(run, pretraining_data, test)
 
-    seed_everything(args.seed, args.deterministic)
+    seed_everything(run.seed, run.deterministic)
     classes = description.classes
-    architecture = ENCODERS[args.arch]
-    model = build_classifier(args.arch, len(classes))
+    architecture = ENCODERS[run.arch]
+    model = build_classifier(run.arch, len(classes))
     if encoder is not None:
-        load_encoder(model, encoder, source, args.arch)
+        load_encoder(model, encoder, source, run.arch)
     head = architecture.classifier_prefix
     output_prefix = architecture.output_prefix(model)
-    probe_lrs = (args.lr,) if args.lr else PROBE_LRS
-    if args.frozen:
+    probe_lrs = (run.lr,) if run.lr else PROBE_LRS
+    if run.frozen:
         for p in model.parameters():
             p.requires_grad = False
         architecture.replace_output_layer(model, ProbeGrid(architecture.output_layer(model).in_features,
                                                            len(classes), len(probe_lrs)))
-    model = prepare_network(model, device, args.channels_last, args.compile)
+    model = prepare_network(model, device, run.channels_last, run.compile)
     # `network` trains (wrapped for DDP under torchrun); `model` is the plain torchvision model it wraps
     network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if distributed.is_distributed() else model
-    if args.frozen:
-        grid = architecture.output_layer(model)
-        optimizer = torch.optim.SGD([{"params": list(h.parameters()), "lr": lr} for h, lr in zip(grid.heads, probe_lrs)],
-                                    lr=probe_lrs[0], momentum=0.9, weight_decay=0.0)
-    else:
-        head_lr = args.lr or FINETUNE_LR
-        # a randomly initialised encoder has no features to protect: it always trains at the head's rate
-        encoder_scale = args.encoder_lr_scale if args.encoder_lr_scale is not None else \
-            (1.0 if encoder is None else FINETUNE_ENCODER_LR_SCALE)
-        groups = [{"params": [p for n, p in model.named_parameters() if n.startswith(head)], "lr": head_lr},
-                  {"params": [p for n, p in model.named_parameters() if not n.startswith(head)],
-                   "lr": head_lr * encoder_scale}]
-        optimizer = torch.optim.AdamW(groups, lr=head_lr, weight_decay=1e-4)
+    optimizer = classifier_optimizer(model, run, probe_lrs, pretrained=encoder is not None)
 
-    cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers) if args.cache else None
+    cache = open_cache(description, run.data_root, run.image_size, run.cache, run.workers) if run.cache else None
 
     def dataset(split: list[ImageRecord]) -> ImageDataset:
-        return ImageDataset(split, args.image_size, len(classes), cache)
+        return ImageDataset(split, run.image_size, len(classes), cache)
 
-    batch_size = min(args.batch_size, len(train))
-    passes = 1
-    if not args.epochs:
-        args.epochs = FROZEN_EPOCHS if args.frozen else FINETUNE_EPOCHS
-        passes = math.ceil(math.ceil(MIN_STEPS / args.epochs) * batch_size / len(train))
-    train_loader = make_loader(dataset(train), batch_size, args.workers, shuffle=True, drop_last=False,
-                               seed=args.seed, passes=passes)
-    val_loader, test_loader = (make_loader(dataset(s), args.batch_size, args.workers, shuffle=False, drop_last=False,
-                                           seed=args.seed) for s in (val, test))
-    total_steps = args.epochs * len(train_loader)
-    warmup_steps = 0 if args.frozen else round(FINETUNE_WARMUP * total_steps)
-    scheduler = build_scheduler(optimizer, "step" if args.frozen else "cosine", total_steps, warmup_steps)
-    augment = BatchAugment(RECIPES["linear" if args.frozen else "finetune"], args.image_size)
-    evaluate_every = max(1, args.epochs // EVALUATIONS)
-    log = RunLog(args.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
-    config = {**vars(args), "flags": flags, "method": identity["method"], "mode": mode,
+    batch_size = min(run.batch_size, len(train))
+    epochs, passes = epochs_and_passes(run, len(train), batch_size)
+    run = replace(run, epochs=epochs)
+    train_loader = make_loader(dataset(train), batch_size, run.workers, shuffle=True, drop_last=False,
+                               seed=run.seed, passes=passes)
+    val_loader, test_loader = (make_loader(dataset(s), run.batch_size, run.workers, shuffle=False, drop_last=False,
+                                           seed=run.seed) for s in (val, test))
+    total_steps = run.epochs * len(train_loader)
+    warmup_steps = 0 if run.frozen else round(FINETUNE_WARMUP * total_steps)
+    scheduler = build_scheduler(optimizer, "step" if run.frozen else "cosine", total_steps, warmup_steps)
+    augment = BatchAugment(RECIPES["linear" if run.frozen else "finetune"], run.image_size)
+    evaluate_every = max(1, run.epochs // EVALUATIONS)
+    log = RunLog(run.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
+    record = {**run.flags(), "flags": config.flags(), "method": identity["method"], "mode": mode,
               "steps": total_steps,
               "passes_per_epoch": passes,
               "warmup_steps": warmup_steps, "optimizer": type(optimizer).__name__,
               # the linear probe: one rate per head of the grid; fine-tuning: the head's, then the encoder's
               "learning_rates": [group["initial_lr"] for group in optimizer.param_groups],
-              "dataset": description.name, "device": str(device), "precision": str(precision or "fp32"),
+              "dataset": description.name, "device": str(device), "precision": precision_name(precision),
               "train_images": len(train), "val_images": len(val), "test_images": len(test),
-              "resumed_from": resume_from}
-    log.json("config.json", config)
+              "schedule": "step" if run.frozen else "cosine", "resumed_from": resume_from, "software": provenance()}
+    log.json("config.json", record)
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = network(augment(images)).float()
-        if args.frozen:  # B x heads x classes: the sum of each head's own mean loss, so each gets its own gradient
-            heads = logits.shape[1]
-            if description.multilabel:
-                return heads * F.binary_cross_entropy_with_logits(logits, labels[:, None].expand_as(logits))
-            return heads * F.cross_entropy(logits.flatten(0, 1), labels.argmax(dim=1).repeat_interleave(heads))
-        if description.multilabel:
-            return F.binary_cross_entropy_with_logits(logits, labels)
-        return F.cross_entropy(logits, labels.argmax(dim=1))
+        return classification_loss(network(augment(images)).float(), labels, description.multilabel)
 
     selection = primary_metric(description.multilabel)
-
-    def split_metrics(split: list[ImageRecord], truth: np.ndarray, probability: np.ndarray, kept: np.ndarray,
-                      interval: bool = False) -> dict:
-        """Metrics of one split's predictions; with `interval`, a patient-bootstrap 95 % interval of the
-        headline ones. Images that could not be read are counted (`unreadable_images`) and listed in
-        skipped.csv, never silently left out."""
-        patients = [description.patient_group(split[i]) or split[i].image_id for i in kept] \
-            if description.patient_vote or interval else None
-        metrics = evaluate(truth, probability, classes, description.multilabel,
-                           patients if description.patient_vote else None)
-        if interval:
-            metrics["ci95"] = {
-                name: bootstrap_interval(truth, probability, patients,
-                                         lambda y, p, name=name: evaluate(y, p, classes, description.multilabel)[name])
-                for name in reported_metrics(description.multilabel)}
-        metrics["unreadable_images"] = len(split) - len(kept)
-        return metrics
 
     def predictions(loader: torch.utils.data.DataLoader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         truth, probability, kept = predict(model, loader, device, precision, description.multilabel)
@@ -251,68 +312,72 @@ def downstream(description: DatasetDescription, method_name: str, args: argparse
             trainer.note_unreadable(loader.dataset, sorted(set(range(len(loader.dataset))) - set(kept.tolist())))
         return truth, probability, kept
 
-    def evaluate_split(split: list[ImageRecord], loader: torch.utils.data.DataLoader, interval: bool = False) -> dict:
-        return split_metrics(split, *predictions(loader), interval)
-
-    def score_of(metrics: dict) -> float:
-        return metrics[selection] if metrics[selection] is not None else -metrics.get("weighted_log_loss", 0.0)
-
-    best = {"score": -np.inf, "state": None, "epoch": 0, "lr": None}
+    best = {"score": -np.inf, "state": None, "epoch": 0, "step": 0, "lr": None}
 
     def end_of_epoch(epoch: int) -> dict[str, float]:
-        if (epoch + 1) % evaluate_every and epoch + 1 != args.epochs:
+        if (epoch + 1) % evaluate_every and epoch + 1 != run.epochs:
             return {}
         truth, probability, kept = predictions(val_loader)
         # the linear probe's grid: one set of metrics per head, the best head speaks for the epoch
-        per_head = [split_metrics(val, truth, probability[:, h], kept) for h in range(probability.shape[1])] \
-            if args.frozen else [split_metrics(val, truth, probability, kept)]
-        chosen = int(np.argmax([score_of(m) for m in per_head]))
+        per_head = [split_metrics(description, val, truth, probability[:, h], kept)
+                    for h in range(probability.shape[1])] if run.frozen \
+            else [split_metrics(description, val, truth, probability, kept)]
+        chosen = int(np.argmax([selection_score(m, selection) for m in per_head]))
         metrics = per_head[chosen]
         for name in ("auc_macro", "accuracy", "balanced_accuracy", "patient_accuracy", "weighted_log_loss"):
             if metrics.get(name) is not None:
-                log.scalar(f"val/{name}", metrics[name], epoch)
-        if score_of(metrics) > best["score"]:
+                log.scalar(f"val/{name}", metrics[name])
+        if selection_score(metrics, selection) > best["score"]:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best.update(score=score_of(metrics), epoch=epoch + 1,
-                        state=with_chosen_head(state, output_prefix, chosen) if args.frozen else state,
-                        lr=probe_lrs[chosen] if args.frozen else optimizer.defaults["lr"])
+            best.update(score=selection_score(metrics, selection), epoch=epoch + 1, step=log.step,
+                        state=with_chosen_head(state, output_prefix, chosen) if run.frozen else state,
+                        lr=probe_lrs[chosen] if run.frozen else optimizer.defaults["lr"])
         return {f"val_{selection}": metrics[selection]}
 
     def train_mode() -> None:
         # the linear protocol keeps the frozen encoder's BatchNorm statistics fixed
-        model.train(not args.frozen)
+        model.train(not run.frozen)
 
     def snapshot() -> dict:
-        return {"method": config["method"], "mode": mode, "arch": args.arch, "dataset": description.name,
+        return {"method": record["method"], "mode": mode, "arch": run.arch, "dataset": description.name,
                 "run": identity, "model": model.state_dict(), "best": dict(best)}
 
-    trainer = Trainer(step_loss, train_loader, optimizer, scheduler, device, precision, store, args.save_every,
+    trainer = Trainer(step_loss, train_loader, optimizer, scheduler, device, precision, store, run.save_every,
                       snapshot)
     if resumed is not None:
         with reading_state(resume_from):
             model.load_state_dict(resumed["model"])
             best.update(resumed["best"])
             trainer.restore(resumed, resume_from)
-    trainer.fit(args.epochs, log, end_of_epoch, train_mode)
-    if args.frozen:  # back to the plain torchvision classifier, holding the head chosen on validation
-        architecture.replace_output_layer(model, nn.Linear(grid.heads[0].in_features, len(classes)).to(device))
+    trainer.fit(run.epochs, log, end_of_epoch, train_mode)
+    if run.frozen:  # back to the plain torchvision classifier, holding the head chosen on validation
+        architecture.replace_output_layer(model, nn.Linear(architecture.output_layer(model).heads[0].in_features,
+                                                           len(classes)).to(device))
     model.load_state_dict(best["state"])
-    if args.frozen:
+    if run.frozen:
         changed = [k for k, v in model.state_dict().items() if not k.startswith(head) and
                    not torch.equal(v.cpu(), encoder[k])]
         if changed:
             raise RuntimeError(f"the frozen encoder changed during linear training ({changed[:3]})")
+
+    def evaluate_split(split: list[ImageRecord], loader: torch.utils.data.DataLoader, interval: bool = False) -> dict:
+        return split_metrics(description, split, *predictions(loader), interval)
+
     results = {"test": evaluate_split(test, test_loader, interval=True), "val": evaluate_split(val, val_loader)}
     results.update(best_epoch=best["epoch"], selected_by=f"val {selection}", lr=best["lr"], mode=mode,
-                   fraction=args.fraction, arch=args.arch, method=config["method"], epochs=args.epochs)
+                   fraction=run.fraction, arch=run.arch, method=record["method"], epochs=run.epochs)
     log.json("metrics.json", results)
     for name in ("auc_macro", "accuracy", "balanced_accuracy", "patient_accuracy"):
         if results["test"].get(name) is not None:
-            log.scalar(f"test/{name}", results["test"][name], best["epoch"])
-    save_checkpoint({"method": config["method"], "mode": mode, "arch": args.arch, "dataset": description.name,
+            log.scalar(f"test/{name}", results["test"][name], best.get("step", log.step))
+    save_checkpoint({"method": record["method"], "mode": mode, "arch": run.arch, "dataset": description.name,
+                     "image_size": run.image_size,
                      "classes": list(classes), "model": model.state_dict(), "best_epoch": best["epoch"]},
-                    args.output_dir / CHECKPOINT_NAME)
+                    run.output_dir / CHECKPOINT_NAME)
+    log.hparams({**run.flags(), "mode": mode, "selected_lr": best["lr"]},
+                {f"test_{k}": results["test"].get(k) for k in reported_metrics(description.multilabel)})
     log.close()
     if distributed.is_main_process():
-        print(f"test {selection}: {results['test'][selection]}  (val {selection} {results['val'][selection]}, "
-              f"best epoch {best['epoch']}) -> {args.output_dir / 'metrics.json'}")
+        print(f"test {selection}: {four_digits(results['test'][selection])}  (val {selection} "
+              f"{four_digits(results['val'][selection])}, best epoch {best['epoch']}) -> "
+              f"{run.output_dir / 'metrics.json'}")

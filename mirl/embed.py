@@ -1,7 +1,8 @@
 """A t-SNE picture of what an encoder learned: its features of the test split, coloured by class.
 
 `python -m mirl.embed CHECKPOINT --data-root DIR --split-dir DIR [--out tsne.png]` takes a
-pretraining checkpoint (its encoder) or a downstream one (the network without its head).
+pretraining checkpoint (its encoder) or a downstream one (the network without its head), at the input
+size it was trained at; `--labels CSV` colours a user's own data by its classes.
 """
 from __future__ import annotations
 
@@ -10,34 +11,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from sklearn.manifold import TSNE
 
-from mirl.checkpoints import load_checkpoint, reading_state
-from mirl.datasets import DATASETS
+from mirl.datasets import DATASETS, with_label_csv
 from mirl.edge import guarded
 from mirl.errors import CheckpointError
+from mirl.export import checkpoint_image_size, encoder_from_checkpoint
 from mirl.flags import OneLineParser, image_size, positive_int
-from mirl.models import ENCODERS, build_encoder
 from mirl.monitor import extract_features, sample_records
 from mirl.runtime import resolve_device, resolve_precision
 from mirl.splits import load_splits
-
-
-def encoder_from_checkpoint(path: Path) -> tuple[torch.nn.Module, str]:
-    """The encoder of a MIRL checkpoint, and the dataset it was trained on."""
-    checkpoint = load_checkpoint(path)
-    arch = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
-    if not isinstance(arch, str) or arch not in ENCODERS:
-        raise CheckpointError(f"{path} is not a MIRL checkpoint with a known architecture")
-    head = ENCODERS[arch].classifier_prefix
-    encoder, _ = build_encoder(arch)
-    with reading_state(path):
-        weights = checkpoint.get("encoder") or {k: v for k, v in checkpoint.get("model", {}).items()
-                                                if not k.startswith(head)}
-        encoder.load_state_dict(weights)
-    return encoder, str(checkpoint.get("dataset", ""))
 
 
 def class_of(labels: np.ndarray, classes: tuple[str, ...]) -> list[str]:
@@ -46,16 +30,19 @@ def class_of(labels: np.ndarray, classes: tuple[str, ...]) -> list[str]:
 
 
 def embed(args: argparse.Namespace) -> None:
-    encoder, dataset = encoder_from_checkpoint(args.checkpoint)
-    description = DATASETS.get(args.dataset or dataset)
+    encoder, fields = encoder_from_checkpoint(args.checkpoint)
+    description = DATASETS.get(args.dataset or str(fields.get("dataset", "")))
     if description is None:
         raise CheckpointError(f"{args.checkpoint} does not say its dataset; pass --dataset")
+    if args.labels is not None:
+        description = with_label_csv(description, args.labels, args.data_root, args.group_column)
+    size = args.image_size or checkpoint_image_size(fields) or 224
     description.check_root(args.data_root)
     records = description.find_labelled(args.data_root)
     test_ids = set(load_splits(description, records, args.split_dir)["test"])
     test = sample_records([r for r in records if r.image_id in test_ids], args.max_images, seed=0)
     device = resolve_device(args.device)
-    features, labels = extract_features(encoder.to(device), test, len(description.classes), args.image_size,
+    features, labels = extract_features(encoder.to(device), test, len(description.classes), size,
                                          device, resolve_precision("auto", device), 64, args.workers)
     points = TSNE(n_components=2, perplexity=min(30.0, (len(features) - 1) / 3), init="pca",
                   random_state=0).fit_transform(features)
@@ -81,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-dir", type=Path, required=True, help="the split files the runs used")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default=None, help="default: the checkpoint's")
     parser.add_argument("--out", type=Path, default=Path("tsne.png"))
-    parser.add_argument("--image-size", type=image_size, default=224)
+    parser.add_argument("--image-size", type=image_size, default=None,
+                        help="default: the checkpoint's (224 for one that does not say)")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="your own label CSV, as given to the scripts (colours by its classes)")
+    parser.add_argument("--group-column", default=None, metavar="NAME", help="with --labels: its patient column")
     parser.add_argument("--max-images", type=positive_int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

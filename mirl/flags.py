@@ -2,12 +2,34 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from typing import NoReturn
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` shows every flag's default, unless its help already says what the default is."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            action = copy.copy(action)  # a flag without help text still shows its default
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line on stderr (exit code 2), without the usage block."""
+    """argparse that reports a bad flag as one line on stderr (exit code 2), without the usage block, and
+    shows the defaults in `--help`."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch.nn as nn
+
+from mirl.errors import InputError
+
+Options = Mapping[str, object]  # a method's own flags by argparse name, e.g. {"temperature": 0.2}
 
 
 def no_flags(parser: argparse.ArgumentParser) -> None:
     """A method without flags of its own."""
 
 
-def no_preparation(args: argparse.Namespace, images: int) -> dict[str, object]:
+def no_preparation(options: Options, images: int) -> dict[str, object]:
     """A method that needs nothing settled from the data before its network is built."""
     return {}
 
@@ -26,9 +30,10 @@ def no_preparation(args: argparse.Namespace, images: int) -> dict[str, object]:
 class MethodSpec:
     """A pretraining method: its paper defaults (learning rate per 256 images, scaled linearly to the
     global batch), the augmentation recipe of each of its two views (names in `mirl.augment.RECIPES`),
-    its own flags, what it settles once the number of pretraining images is known (MoCo's queue size;
-    returned for the run's identity), and how its network is built from the flags, the size of the label
-    vectors (label-aware MoCo) and the number of optimizer steps (BYOL's EMA schedule)."""
+    its own flags (`add_flags`: their argparse defaults are the options' defaults), what it settles once
+    the number of pretraining images is known (`prepare`: MoCo's queue size, returned as options that
+    join the run's identity), and how its network is built from the architecture, the options, the size
+    of the label vectors (label-aware MoCo) and the number of optimizer steps (BYOL's EMA schedule)."""
 
     name: str
     title: str
@@ -40,7 +45,22 @@ class MethodSpec:
     warmup_epochs: int
     epochs: int
     recipes: tuple[str, str]
-    build: Callable[[argparse.Namespace, int, int], nn.Module]
+    build: Callable[[str, Options, int, int], nn.Module]
     add_flags: Callable[[argparse.ArgumentParser], None] = no_flags
-    prepare: Callable[[argparse.Namespace, int], dict[str, object]] = field(default=no_preparation)
+    prepare: Callable[[Options, int], dict[str, object]] = field(default=no_preparation)
     queue: bool = False  # keeps a queue of negatives (takes --queue-size, and --supervised for label-aware training)
+
+    def option_defaults(self) -> dict[str, object]:
+        """The method's own options at their defaults, as its flags declare them."""
+        parser = argparse.ArgumentParser(add_help=False)
+        self.add_flags(parser)
+        return vars(parser.parse_args([]))
+
+    def options(self, given: Options) -> dict[str, object]:
+        """`given` completed with the defaults; an option the method does not have is an input error."""
+        defaults = self.option_defaults()
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            raise InputError(f"{self.title} has no option {', '.join(unknown)} (its options: "
+                             f"{', '.join(sorted(defaults)) or 'none'})")
+        return {**defaults, **given}

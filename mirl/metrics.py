@@ -103,8 +103,8 @@ def primary_metric(multilabel: bool) -> str:
 
 
 def reported_metrics(multilabel: bool) -> tuple[str, ...]:
-    """The headline metrics of a dataset's results tables."""
-    return ("auc_macro",) if multilabel else ("balanced_accuracy", "auc_macro", "accuracy")
+    """The headline metrics of a dataset's results tables (for RSNA also the Kaggle challenge's weighted log loss)."""
+    return ("auc_macro", "weighted_log_loss") if multilabel else ("balanced_accuracy", "auc_macro", "accuracy")
 
 
 def bootstrap_interval(y_true: np.ndarray, probability: np.ndarray, patients: list[str],

@@ -16,7 +16,7 @@ from mirl.distributed import gather_no_grad, is_distributed, rank, shuffle_acros
 from mirl.encoders import STOCHASTIC_LAYERS, build_encoder, projection_head
 from mirl.errors import InputError
 from mirl.flags import positive_float, positive_int
-from mirl.method_spec import MethodSpec
+from mirl.method_spec import MethodSpec, Options
 
 MIN_VALUES_PER_GROUP = 16
 
@@ -178,6 +178,15 @@ def infonce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device)), logits
 
 
+def batch_infonce(q: torch.Tensor, batch_keys: torch.Tensor, own: torch.Tensor,
+                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE with the other keys of the (gathered) batch as the negatives: query i's positive is key
+    `own[i]`. MoCo uses it on the first step of a run only, when the queue holds no key yet: against an
+    empty queue the loss is 0 and the step would train nothing."""
+    logits = q @ batch_keys.t() / temperature
+    return F.cross_entropy(logits, own), logits
+
+
 def jaccard_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|A and B| / |A or B| of every row of the 0/1 matrix `a` with every row of `b`; 0 where both are empty.
 
@@ -283,7 +292,14 @@ class MoCo(nn.Module):
                                        self.queue.negative_labels(), own, self.temperature)
             self.queue.enqueue(batch_keys, batch_labels)
             return loss, q @ batch_keys.t() / self.temperature
-        loss, logits = infonce(q, k, self.queue.negatives().float(), self.temperature)
+        negatives = self.queue.negatives()
+        if len(negatives) == 0:  # the first step: the batch's other keys are the negatives
+            batch_keys = gather_no_grad(k)
+            own = rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
+            loss, logits = batch_infonce(q, batch_keys, own, self.temperature)
+            self.queue.enqueue(batch_keys)
+            return loss, logits
+        loss, logits = infonce(q, k, negatives.float(), self.temperature)
         self.queue.enqueue(gather_no_grad(k))
         return loss, logits
 
@@ -324,15 +340,14 @@ def moco_flags(parser: argparse.ArgumentParser, temperature: float) -> None:
                         help="BatchNorm groups standing in for shuffle-BN on one device")
 
 
-def settle_queue_size(args: argparse.Namespace, images: int) -> dict[str, object]:
+def settle_queue_size(options: Options, images: int) -> dict[str, object]:
     """The queue size follows from the number of images, so it is settled once they are listed."""
-    args.queue_size = checked_queue_size(args.queue_size, images)
-    return {"queue_size": args.queue_size}
+    return {"queue_size": checked_queue_size(options["queue_size"], images)}
 
 
-def build_moco(head: str, args: argparse.Namespace, label_dim: int, total_steps: int) -> nn.Module:
-    return MoCo(args.arch, head=head, queue_size=args.queue_size, momentum=args.moco_momentum,
-                temperature=args.temperature, bn_splits=args.bn_splits, label_dim=label_dim)
+def build_moco(head: str, arch: str, options: Options, label_dim: int, total_steps: int) -> nn.Module:
+    return MoCo(arch, head=head, queue_size=options["queue_size"], momentum=options["moco_momentum"],
+                temperature=options["temperature"], bn_splits=options["bn_splits"], label_dim=label_dim)
 
 
 MOCO_METHOD = MethodSpec("moco", "MoCo", "trainMoCo.py", schedule="step", optimizer="sgd", lr_per_256=0.03,

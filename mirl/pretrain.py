@@ -5,7 +5,6 @@ the downstream evaluation stays honest; a plain folder of images is used whole.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 
 import numpy as np
@@ -15,48 +14,50 @@ import torch.nn as nn
 from mirl import distributed
 from mirl.augment import BatchAugment, recipe_for
 from mirl.cache import open_cache
-from mirl.checkpoints import check_same_run, reading_state
-from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
+from mirl.checkpoints import CHECKPOINT_NAME, check_same_run, reading_state
+from mirl.config import PretrainConfig
+from mirl.datasets import DatasetDescription, DecodedImages, ImageDataset, ImageRecord
 from mirl.errors import InputError
 from mirl.loaders import make_loader
 from mirl.models import METHODS, MethodSpec
 from mirl.monitor import KnnMonitor, sample_records
 from mirl.optim import LARS, build_scheduler, lars_parameter_groups
 from mirl.positives import PairedImages, partner_candidates
-from mirl.run_files import RunLog, open_run
-from mirl.runtime import prepare_network, resolve_device, resolve_precision, seed_everything
-from mirl.splits import load_splits
+from mirl.run_files import RunLog, open_run, provenance
+from mirl.runtime import precision_name, prepare_network, resolve_device, resolve_precision, seed_everything
+from mirl.splits import load_splits, split_digest
 from mirl.training import Trainer
 
 
-def pretraining_records(description: DatasetDescription,
-                        args: argparse.Namespace) -> tuple[list[ImageRecord], dict[str, list[ImageRecord]] | None]:
+def pretraining_records(description: DatasetDescription, config: PretrainConfig
+                        ) -> tuple[list[ImageRecord], dict[str, list[ImageRecord]] | None, str | None]:
     """Every image the encoder may see: all of them, minus the test split's images and patients when
-    the data has labels; then also the labelled train and val images the kNN monitor uses."""
-    description.check_root(args.data_root)
-    labelled = description.find_labelled(args.data_root) if description.has_labels(args.data_root) else None
-    records = description.pretraining_images(args.data_root, labelled)
+    the data has labels; then also the labelled train and val images the kNN monitor uses, and the
+    fingerprint of the test split held out (`split_digest`; None without labels)."""
+    description.check_root(config.data_root)
+    labelled = description.find_labelled(config.data_root) if description.has_labels(config.data_root) else None
+    records = description.pretraining_images(config.data_root, labelled)
     if not records:
-        raise InputError(f"no images found under {args.data_root}; {description.data_hint}")
-    monitor_sets = None
-    if labelled is None and args.supervised:
-        raise InputError(f"--supervised needs labelled data, but {args.data_root} has no labels; "
+        raise InputError(f"no images found under {config.data_root}; {description.data_hint}")
+    monitor_sets, held_out = None, None
+    if labelled is None and config.supervised:
+        raise InputError(f"--supervised needs labelled data, but {config.data_root} has no labels; "
                          f"{description.data_hint}")
     if labelled is not None:
-        splits = load_splits(description, labelled, args.split_dir)
+        splits = load_splits(description, labelled, config.split_dir)
         by_id = {r.image_id: r for r in labelled}
         monitor_sets = {name: [by_id[i] for i in splits[name]] for name in ("train100F", "val")}
-        test = set(splits["test"])
+        test, held_out = set(splits["test"]), split_digest(splits["test"])
         test_patients = {r.group for r in labelled if r.image_id in test and r.group is not None}
         records = [r for r in records if r.image_id not in test and r.group not in test_patients]
-        if args.supervised:
-            records = label_aware_records(records, usable_labels(labelled, records, splits, args.fraction),
+        if config.supervised:
+            records = label_aware_records(records, usable_labels(labelled, records, splits, config.fraction),
                                           len(description.classes))
     share = len(records) // distributed.world_size()  # each process's part of an epoch
-    if share < args.batch_size:
-        raise InputError(f"--batch-size {args.batch_size} is more than the {share} pretraining images of each of "
+    if share < config.batch_size:
+        raise InputError(f"--batch-size {config.batch_size} is more than the {share} pretraining images of each of "
                          f"{distributed.world_size()} process(es): an epoch would have no full batch; lower it")
-    return records, monitor_sets
+    return records, monitor_sets, held_out
 
 
 def usable_labels(labelled: list[ImageRecord], records: list[ImageRecord], splits: dict[str, list[str]],
@@ -88,61 +89,76 @@ def label_aware_records(records: list[ImageRecord], usable: dict[str, np.ndarray
     return [replace(r, labels=label_vector(r)) for r in records]
 
 
-def learning_rate(method: MethodSpec, args: argparse.Namespace) -> float:
+def learning_rate(method: MethodSpec, config: PretrainConfig) -> float:
     """`--lr`, else the method's rate per 256 images scaled linearly to the global batch."""
-    return args.lr if args.lr is not None else method.lr_per_256 * args.batch_size * distributed.world_size() / 256
+    if config.lr is not None:
+        return config.lr
+    return method.lr_per_256 * config.batch_size * distributed.world_size() / 256
 
 
-def build_optimizer(model: nn.Module, method: MethodSpec, args: argparse.Namespace) -> torch.optim.Optimizer:
-    lr = learning_rate(method, args)
-    if args.optimizer == "lars":
-        return LARS(lars_parameter_groups(model), lr=lr, weight_decay=method.weight_decay)
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Pretraining's optimizer: LARS (SimCLR, BYOL) or SGD with momentum 0.9 (MoCo)."""
+    if name == "lars":
+        return LARS(lars_parameter_groups(model), lr=lr, weight_decay=weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel for every parameter's update instead of a few calls per parameter
-    return torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=method.weight_decay, fused=True)
+    return torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=weight_decay, fused=True)
 
 
-def pretrain(description: DatasetDescription, method_name: str, args: argparse.Namespace) -> None:
+def settled_config(method: MethodSpec, config: PretrainConfig, resumed: dict | None) -> PretrainConfig:
+    """The run as it will train: the architecture (a resumed state's when none is asked for), epochs,
+    optimizer and learning rate (the method's where none is given) and the method's options completed."""
+    arch = config.arch or (resumed.get("arch") if resumed is not None else None) or "resnet50"
+    return replace(config, arch=arch, epochs=config.epochs or method.epochs,
+                   optimizer=config.optimizer or method.optimizer, lr=learning_rate(method, config),
+                   options=method.options(config.options))
+
+
+def pair_loader(description: DatasetDescription, run: PretrainConfig, records: list[ImageRecord], label_dim: int,
+                cache: DecodedImages | None) -> tuple[torch.utils.data.DataLoader, list[list[int]] | None]:
+    """The loader of pretraining batches and, with `--positives study|patient`, each image's candidate
+    partners (a pair's two views then come from two images of one study or patient)."""
+    dataset = ImageDataset(records, run.image_size, label_dim, cache)
+    partners = None
+    if run.positives != "views":
+        partners = partner_candidates(description, records, run.positives)
+        dataset = PairedImages(dataset)
+    loader = make_loader(dataset, run.batch_size, run.workers, shuffle=True, drop_last=True, seed=run.seed,
+                         partners=partners)
+    return loader, partners
+
+
+def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     """Pretrain an encoder. `checkpoint.pth` is always the newest training state; its `encoder` loads
     into the plain torchvision model. `--resume` continues a run exactly where a state left it."""
-    method = METHODS[method_name]
-    flags = dict(vars(args))  # as given, before anything is settled from the data: --config relaunches with them
-    args = argparse.Namespace(**flags)  # what this run settles (architecture, queue size) never reaches the caller's
-    device = resolve_device(args.device)
+    method = METHODS[config.method]
+    device = resolve_device(config.device)
     distributed.init_from_environment(device)  # first: the run's identity holds the world size
-    store, resume_from, resumed = open_run(args.output_dir, args.keep, publish=True, resume=args.resume)
-    if resumed is not None and args.arch is None:
-        args.arch = resumed.get("arch")
-    args.arch = args.arch or "resnet50"
-    identity = {"method": method.name, "dataset": description.name, "arch": args.arch,
-                "batch_size": args.batch_size, "image_size": args.image_size, "world_size": distributed.world_size(),
-                "supervised_fraction": args.fraction if args.supervised else None,
+    store, resume_from, resumed = open_run(config.output_dir, config.keep, publish=True, resume=config.resume)
+    run = settled_config(method, config, resumed)
+    identity = {"method": method.name, "dataset": description.name, "arch": run.arch,
+                "batch_size": run.batch_size, "image_size": run.image_size, "world_size": distributed.world_size(),
+                "supervised_fraction": run.fraction if run.supervised else None,
                 # the schedule follows from these: a resumed run with others would silently train another one
-                "lr": learning_rate(method, args), "epochs": args.epochs, "positives": args.positives}
+                "lr": run.lr, "epochs": run.epochs, "positives": run.positives}
     if resumed is not None:  # before listing the data: a state of another run is refused at once
         check_same_run(resumed, identity, resume_from)
-    precision = resolve_precision(args.precision, device)
-    records, monitor_sets = pretraining_records(description, args)
-    settled = method.prepare(args, len(records))  # what follows from the number of images (MoCo's queue size)
+    precision = resolve_precision(run.precision, device)
+    records, monitor_sets, held_out = pretraining_records(description, run)
+    settled = method.prepare(run.options, len(records))  # what follows from the number of images (MoCo's K)
+    run = replace(run, options={**run.options, **settled})
     identity.update(settled)
     if resumed is not None:
         check_same_run(resumed, settled, resume_from)
 
-    seed_everything(args.seed, args.deterministic)
-    supervised = args.supervised
+    seed_everything(run.seed, run.deterministic)
     # label-aware MoCo: the label vectors gain a "no finding" class, and the queue keeps them
-    queue_label_dim = len(description.classes) + 1 if supervised else 0
-    cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers) if args.cache else None
-    dataset = ImageDataset(records, args.image_size, queue_label_dim or len(description.classes), cache)
-    partners = None
-    if args.positives != "views":  # the two views of a pair from two images of one study or patient
-        partners = partner_candidates(description, records, args.positives)
-        dataset = PairedImages(dataset)
-    loader = make_loader(dataset, args.batch_size, args.workers, shuffle=True, drop_last=True, seed=args.seed,
-                         partners=partners)
-    total_steps = args.epochs * len(loader)
-    model = prepare_network(method.build(args, queue_label_dim, total_steps), device, args.channels_last,
-                            args.compile)
+    queue_label_dim = len(description.classes) + 1 if run.supervised else 0
+    cache = open_cache(description, run.data_root, run.image_size, run.cache, run.workers) if run.cache else None
+    loader, partners = pair_loader(description, run, records, queue_label_dim or len(description.classes), cache)
+    total_steps = run.epochs * len(loader)
+    model = prepare_network(method.build(run.arch, run.options, queue_label_dim, total_steps), device,
+                            run.channels_last, run.compile)
     core = model
     if resumed is not None:
         with reading_state(resume_from):
@@ -152,49 +168,62 @@ def pretrain(description: DatasetDescription, method_name: str, args: argparse.N
         # step; each rank's BatchNorm keeps its own running statistics, as under fb/moco, and rank 0's are saved
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                     broadcast_buffers=False)
-    optimizer = build_optimizer(model, method, args)
+    optimizer = build_optimizer(model, run.optimizer, run.lr, method.weight_decay)
     warmup = min(method.warmup_epochs * len(loader), total_steps // 10)
     scheduler = build_scheduler(optimizer, method.schedule, total_steps, warmup)
-    style = args.augment or ("grey" if description.grayscale else "paper")
-    augments = [BatchAugment(recipe_for(recipe, style), args.image_size) for recipe in method.recipes]
+    style = run.augment or ("grey" if description.grayscale else "paper")
+    augments = [BatchAugment(recipe_for(recipe, style), run.image_size) for recipe in method.recipes]
 
-    log = RunLog(args.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
-    config = {**vars(args), "flags": flags, "method": method.name, "dataset": description.name,
+    log = RunLog(run.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
+    record = {**run.flags(), "flags": config.flags(), "method": method.name, "dataset": description.name,
               "images": len(records),
               "images_with_a_partner": sum(map(bool, partners)) if partners is not None else None,
-              "device": str(device), "precision": str(precision or "fp32"), "augment": style,
+              "device": str(device), "precision": precision_name(precision), "augment": style,
               "world_size": distributed.world_size(), "resumed_from": resume_from,
-              "labelled_images": sum(bool(r.labels.any()) for r in records) if supervised else 0}
-    log.json("config.json", config)
+              # the schedule as it runs: the rate above is the one used (--lr, else lr_per_256 x global batch / 256)
+              "lr_per_256": method.lr_per_256, "weight_decay": method.weight_decay, "schedule": method.schedule,
+              "steps": total_steps, "warmup_steps": warmup, "software": provenance(),
+              "labelled_images": sum(bool(r.labels.any()) for r in records) if run.supervised else 0}
+    log.json("config.json", record)
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # two independent views of each image, or of each pair's two images
         views = tuple(augment(images if partners is None else images[:, i]) for i, augment in enumerate(augments))
-        loss, _ = model(*views, labels) if supervised else model(*views)
+        loss, _ = model(*views, labels) if run.supervised else model(*views)
         return loss
 
     monitor = None
-    if monitor_sets and args.knn_images > 0 and distributed.is_main_process():
-        monitor = KnnMonitor(description, sample_records(monitor_sets["train100F"], args.knn_images, args.seed),
-                             sample_records(monitor_sets["val"], args.knn_images // 2, args.seed), args.image_size,
-                             device, precision, args.batch_size, args.workers, cache)
+    if monitor_sets and run.knn_images > 0 and distributed.is_main_process():
+        monitor = KnnMonitor(description, sample_records(monitor_sets["train100F"], run.knn_images, run.seed),
+                             sample_records(monitor_sets["val"], run.knn_images // 2, run.seed), run.image_size,
+                             device, precision, run.batch_size, run.workers, cache)
     latest = {"monitor": resumed.get("monitor", {}) if resumed is not None else {}}
 
     def snapshot() -> dict:
-        return {"method": method.name, "arch": args.arch, "dataset": description.name, "run": identity,
+        return {"method": method.name, "arch": run.arch, "dataset": description.name, "run": identity,
+                "image_size": run.image_size,
                 "supervised_fraction": identity["supervised_fraction"],
+                # what the encoder was pretrained on, so downstream runs on other data or splits are refused
+                "data": {"root": str(run.data_root), "labels": str(run.labels) if run.labels else None,
+                         "test_split": held_out},
                 "encoder": core.feature_encoder().state_dict(), "model": core.state_dict(),
-                "monitor": latest["monitor"], "config": {k: str(v) for k, v in config.items()}}
+                "monitor": latest["monitor"], "config": {k: str(v) for k, v in record.items()}}
 
     def end_of_epoch(epoch: int) -> dict[str, float]:
         latest["monitor"] = monitor(core.feature_encoder()) if monitor else {}
         for name, value in latest["monitor"].items():
-            log.scalar(f"monitor/{name}", value, epoch)
+            log.scalar(f"monitor/{name}", value)
         return latest["monitor"]
 
-    trainer = Trainer(step_loss, loader, optimizer, scheduler, device, precision, store, args.save_every, snapshot)
+    trainer = Trainer(step_loss, loader, optimizer, scheduler, device, precision, store, run.save_every, snapshot)
     if resumed is not None:
         with reading_state(resume_from):
             trainer.restore(resumed, resume_from)
-    trainer.fit(args.epochs, log, end_of_epoch, train_mode=model.train)
+    trainer.fit(run.epochs, log, end_of_epoch, train_mode=model.train)
+    final = {"loss": trainer.last_loss, **{f"knn_{k}": v for k, v in latest["monitor"].items()}}
+    log.hparams(run.flags(), final)
     log.close()
+    if distributed.is_main_process():
+        numbers = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if v is not None)
+        print(f"pretraining done: {run.epochs} epochs, {total_steps} steps ({numbers}); encoder in "
+              f"{run.output_dir / CHECKPOINT_NAME}")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -13,6 +16,9 @@ try:
 except ImportError:  # Windows: no advisory locks, so runs on one output dir are not kept apart
     fcntl = None
 
+import numpy as np
+import torch
+import torchvision
 from torch.utils.tensorboard import SummaryWriter
 
 from mirl.checkpoints import CheckpointStore, resume_state, writing
@@ -94,19 +100,34 @@ def release_output_dirs() -> None:
 
 @dataclass
 class RunLog:
-    """Where a run writes: TensorBoard events and JSON files, from the main process only."""
+    """Where a run writes: TensorBoard events and JSON files, from the main process only.
+
+    Every TensorBoard scalar is logged at `step`, the number of optimizer steps taken so far (the trainer
+    keeps it current): all tags share one x-axis, and a resumed run's purge of its predecessor's later
+    events applies to every tag."""
 
     output_dir: Path
     resumed_at_step: int | None = None
+    step: int = 0
 
     def __post_init__(self) -> None:
         # a resumed run drops the events its killed predecessor logged after the state it continues from
         self.writer = SummaryWriter(str(self.output_dir), purge_step=self.resumed_at_step) \
             if is_main_process() else None
 
-    def scalar(self, name: str, value: float, step: int) -> None:
+    def scalar(self, name: str, value: float | None, step: int | None = None) -> None:
+        """Log `value` at `step` (default: the current optimizer step)."""
         if self.writer is not None and value is not None:
-            self.writer.add_scalar(name, value, step)
+            self.writer.add_scalar(name, value, self.step if step is None else step)
+
+    def hparams(self, params: dict[str, object], metrics: dict[str, float | None]) -> None:
+        """The run's settings and final metrics in TensorBoard's HPARAMS tab (numbers, text and flags only)."""
+        if self.writer is None:
+            return
+        kept = {k: v if isinstance(v, (int, float, bool)) else str(v) for k, v in params.items()
+                if v is None or isinstance(v, (int, float, bool, str, Path))}
+        self.writer.add_hparams(kept, {f"hparams/{k}": v for k, v in metrics.items() if v is not None},
+                                run_name=".", global_step=self.step)
 
     def json(self, name: str, payload: dict) -> None:
         if is_main_process():
@@ -115,6 +136,27 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def provenance() -> dict[str, object]:
+    """What a rerun needs beyond the flags: the command, the project's git commit (and whether files differed
+    from it) when MIRL runs from a git checkout, and the versions of Python, torch, torchvision and numpy."""
+    record: dict[str, object] = {"command": [sys.executable, *sys.argv], "python": platform.python_version(),
+                                 "torch": torch.__version__, "torchvision": torchvision.__version__,
+                                 "numpy": np.__version__, "git_commit": None, "git_uncommitted_changes": None}
+    if (PROJECT / ".git").exists():
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=PROJECT, capture_output=True, text=True, timeout=30,
+                                  check=True).stdout.strip()
+        try:
+            record["git_commit"] = git("rev-parse", "HEAD")
+            record["git_uncommitted_changes"] = bool(git("status", "--porcelain", "--untracked-files=no"))
+        except (OSError, subprocess.SubprocessError):  # no git program, or not a readable repository
+            pass
+    return record
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -37,6 +37,14 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def precision_name(precision: torch.dtype | None) -> str:
+    """The `--precision` name of an autocast dtype (None: fp32), as a run records it."""
+    return PRECISION_NAMES[precision]
+
+
 def prepare_network(model: nn.Module, device: torch.device, channels_last: bool, compile_encoders: bool) -> nn.Module:
     """Move a network to its device, in channels_last layout when asked (convolutions then skip layout
     conversions; a convolution runs channels_last when its weight is, whatever its input), and compile

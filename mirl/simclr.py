@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mirl.distributed import convert_to_cross_rank_batchnorm, gather_with_grad
 from mirl.encoders import build_encoder, projection_head
 from mirl.flags import positive_float
-from mirl.method_spec import MethodSpec
+from mirl.method_spec import MethodSpec, Options
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -52,8 +52,8 @@ def simclr_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=positive_float, default=0.1)
 
 
-def build_simclr(args: argparse.Namespace, label_dim: int, total_steps: int) -> nn.Module:
-    return SimCLR(args.arch, temperature=args.temperature)
+def build_simclr(arch: str, options: Options, label_dim: int, total_steps: int) -> nn.Module:
+    return SimCLR(arch, temperature=options["temperature"])
 
 
 SIMCLR_METHOD = MethodSpec("simclr", "SimCLR", "trainSimCLR.py", schedule="cosine", optimizer="lars", lr_per_256=0.3,

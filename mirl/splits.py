@@ -8,6 +8,7 @@ every fraction sees the same images. Slices of one patient always stay on one si
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -102,6 +103,13 @@ def read_split(path: Path) -> list[str]:
     """The image ids of a split file, one per line, exactly as written (an id may begin with a space)."""
     text = path.read_text(encoding="utf-8", errors="surrogateescape")  # ids from file names that are not UTF-8
     return [line for line in text.splitlines() if line.strip()]
+
+
+def split_digest(image_ids: list[str]) -> str:
+    """A fingerprint of a split's images, in any order: what a pretraining checkpoint records of the test
+    split it held out, so a downstream run can tell whether its own test images were held out too."""
+    joined = "\n".join(sorted(image_ids)).encode("utf-8", "surrogateescape")
+    return hashlib.sha256(joined).hexdigest()
 
 
 def make_splits(description: DatasetDescription, records: list[ImageRecord], split_dir: Path) -> None:

@@ -15,18 +15,23 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 from scipy import stats
 
-from mirl.cli import bound_dataset, downstream_script, pretrain_script
+from mirl.cli import bound_dataset
+from mirl.config import DownstreamConfig, PretrainConfig, RunConfig
 from mirl.datasets import DATASETS, DatasetDescription
+from mirl.downstream import downstream
 from mirl.edge import StudyStopped, guarded
 from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_int
 from mirl.metrics import primary_metric, reported_metrics
 from mirl.models import ENCODERS, METHODS
+from mirl.pretrain import pretrain
 from mirl.splits import FRACTIONS
 
 SUPERVISED = "supervised"
@@ -53,9 +58,11 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def pretraining_dir(out: Path, variant: str, fraction: int) -> Path:
-    """Where a variant's encoder is pretrained: one per variant, or per fraction when label-aware."""
-    return out / "pretrain" / (f"{variant}_{fraction}F" if VARIANTS[variant].label_aware else variant)
+def pretraining_dir(out: Path, variant: str, fraction: int, seed: int | None = None) -> Path:
+    """Where a variant's encoder is pretrained: one per variant, or per fraction when label-aware; with
+    `seed` (`--pretrain-seeds`), one per seed too."""
+    name = f"{variant}_{fraction}F" if VARIANTS[variant].label_aware else variant
+    return out / "pretrain" / (name if seed is None else f"{name}_seed{seed}")
 
 
 @dataclass(frozen=True)
@@ -135,11 +142,21 @@ def summarise(rows: list[dict], metric: str) -> dict[tuple[str, int], dict]:
     return cells
 
 
+def interval_note(rows: list[dict], pretrain_seeds: bool) -> str:
+    """What the tables' and the figure's intervals are."""
+    seeds = len({r["seed"] for r in rows})
+    if seeds > 1:
+        source = "each seed its own pretraining and downstream run" if pretrain_seeds else \
+            "one pretraining per method; seeds vary the downstream runs only"
+        return f"mean over {seeds} seeds [95 % t-interval over seeds] ({source})"
+    return "one seed [95 % patient-bootstrap interval of the test set]"
+
+
 def markdown_tables(rows: list[dict], description: DatasetDescription, columns: list[str],
-                    fractions: list[int]) -> str:
+                    fractions: list[int], pretrain_seeds: bool = False) -> str:
     """One table per metric: with several seeds the mean [t 95 % CI over seeds], with one seed the value
-    [patient-bootstrap 95 % CI]."""
-    parts = []
+    [patient-bootstrap 95 % CI]; a line says which."""
+    parts = [f"Cells: {interval_note(rows, pretrain_seeds)}."]
     for metric in metric_names(description):
         cells = summarise(rows, metric)
         lines = [f"### {description.name.upper()}: test {metric.replace('_', ' ')}", "",
@@ -162,34 +179,47 @@ def markdown_tables(rows: list[dict], description: DatasetDescription, columns: 
     return "\n\n".join(parts) + "\n"
 
 
+METRIC_TITLES = {"auc_macro": "macro ROC AUC", "balanced_accuracy": "balanced accuracy", "accuracy": "accuracy",
+                 "patient_accuracy": "patient accuracy", "weighted_log_loss": "weighted log loss"}
+
+
 def plot(rows: list[dict], description: DatasetDescription, columns: list[str], fractions: list[int],
-         path: Path) -> None:
-    """The selection metric against label fraction (log x), a line per column, shaded 95 % interval
-    (t over seeds when there are several, else the patient bootstrap)."""
+         path: Path, pretrain_seeds: bool = False) -> None:
+    """The selection metric against label fraction (log x): per column and fraction the mean with its 95 %
+    interval as an error bar (t over seeds when there are several, else the patient bootstrap), columns
+    offset sideways so that none hides another, chance as a dashed line, the legend beside the axes and a
+    caption saying what the bars are."""
     metric = primary_metric(description.multilabel)
     cells = summarise(rows, metric)
-    figure = Figure(figsize=(7, 4.5))
+    figure = Figure(figsize=(8.5, 4.8))
     axis = figure.add_subplot()
-    for column in columns:
+    offsets = np.linspace(-0.05, 0.05, len(columns)) if len(columns) > 1 else [0.0]
+    for column, offset in zip(columns, offsets):
         points = sorted((f, cells[column, f]) for f in fractions if (column, f) in cells)
         if not points:
             continue
-        x = np.array([f for f, _ in points])
+        x = np.array([f for f, _ in points]) * 10 ** offset  # a sideways offset that looks equal on a log axis
         mean = np.array([c["mean"] for _, c in points])
-        axis.plot(x, mean, marker="o", label=column)
-        if all(c["seed_ci"] is not None for _, c in points):
-            axis.fill_between(x, [c["seed_ci"][0] for _, c in points], [c["seed_ci"][1] for _, c in points], alpha=0.2)
-        elif all(c["ci"] is not None for _, c in points):
-            axis.fill_between(x, [c["ci"][0] for _, c in points], [c["ci"][1] for _, c in points], alpha=0.2)
+        bounds = [c["seed_ci"] or c["ci"] or (c["mean"], c["mean"]) for _, c in points]
+        error = np.array([[m - low for m, (low, _) in zip(mean, bounds)],
+                          [high - m for m, (_, high) in zip(mean, bounds)]])
+        axis.errorbar(x, mean, yerr=error, marker="o", markersize=4, capsize=3, linewidth=1.2, label=column)
+    chance = 0.5 if description.multilabel else 1 / len(description.classes)
+    axis.axhline(chance, linestyle="--", color="grey", linewidth=1,
+                 label=f"chance ({chance:.2f}{'' if description.multilabel else f', 1 of {len(description.classes)}'})")
     axis.set_xscale("log")
+    axis.xaxis.set_minor_locator(NullLocator())
     axis.set_xticks(fractions, [f"{f} %" for f in fractions])
-    axis.set_xlabel("labelled training images")
-    axis.set_ylabel(f"test {metric.replace('_', ' ')}")
-    axis.set_title(f"{description.name.upper()}: label efficiency (95 % intervals)")
+    axis.set_xlabel("labelled training images (% of the training split)")
+    title = METRIC_TITLES.get(metric, metric)
+    axis.set_ylabel(f"test {title}")
+    axis.set_title(f"{description.name.upper()}: test {title} by label fraction (selected on val {title})")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    figure.text(0.01, 0.01, f"Points and bars: {interval_note(rows, pretrain_seeds)}.", fontsize=7, ha="left",
+                va="bottom")
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    figure.savefig(path, dpi=150)
 
 
 def pretrained_epochs(checkpoint: Path) -> int:
@@ -210,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                              "moco_efficient, moco_super and mocov2_super add the published table's others)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0])
+    parser.add_argument("--pretrain-seeds", action="store_true",
+                        help="pretrain once per seed too, so the intervals over seeds include pretraining's "
+                             "variance (default: one pretraining per method, seeded by the first seed)")
     parser.add_argument("--arch", choices=sorted(ENCODERS), default="resnet50")
     parser.add_argument("--image-size", type=image_size, default=224)
     parser.add_argument("--epochs", type=positive_int, default=None, help="pretraining epochs (method default)")
@@ -218,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--downstream-batch-size", type=batch_size, default=None, help="default: --batch-size")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--queue-size", type=positive_int, default=None, help="MoCo queue (default: the scripts' rule, a power of two <= images / 4)")
+    parser.add_argument("--queue-size", type=positive_int, default=None,
+                        help="MoCo queue (default: the scripts' rule, a power of two <= images / 4)")
     parser.add_argument("--cache", type=Path, default=None, help="decoded-image cache folder shared by all runs")
     parser.add_argument("--labels", type=Path, default=None,
                         help="your own labels: a CSV with an image column and one 0/1 column per class")
@@ -232,38 +266,36 @@ def run_study(args: argparse.Namespace) -> None:
     """Pretrain, run the grid of downstream runs, and write the tables and the plot; a failing run stops
     the study with its exit status."""
     # the labels are read once here, so a bad CSV stops the study with one line before any training
-    description = bound_dataset(args.dataset, args)
+    shared = dict(data_root=args.data_root, split_dir=args.split_dir or args.output_dir / "splits",
+                  image_size=args.image_size, device=args.device, cache=args.cache, labels=args.labels,
+                  group_column=args.group_column, resume="auto",
+                  **({"workers": args.workers} if args.workers is not None else {}))
+    description = bound_dataset(args.dataset, RunConfig(output_dir=args.output_dir, **shared))
     out = args.output_dir
-    split_dir = args.split_dir or out / "splits"
-    common = ["--data-root", str(args.data_root), "--split-dir", str(split_dir),
-              "--image-size", str(args.image_size), "--device", args.device]
-    if args.labels is not None:
-        common += ["--labels", str(args.labels)]
-    if args.group_column is not None:
-        common += ["--group-column", args.group_column]
-    if args.workers is not None:
-        common += ["--workers", str(args.workers)]
-    if args.cache is not None:
-        common += ["--cache", str(args.cache)]
 
-    pretrainings = dict.fromkeys((m, f if VARIANTS[m].label_aware else None)
-                                 for m in args.methods if m != SUPERVISED for f in args.fractions)
-    for variant_name, fraction in pretrainings:
+    def run_or_stop(train: Callable[[], None]) -> None:
+        status = guarded(train)
+        if status:
+            raise StudyStopped(status)
+
+    def pretrained_seed(seed: int) -> int | None:
+        return seed if args.pretrain_seeds else None
+
+    pretrainings = dict.fromkeys((m, f if VARIANTS[m].label_aware else None, pretrained_seed(s))
+                                 for m in args.methods if m != SUPERVISED for f in args.fractions for s in args.seeds)
+    for variant_name, fraction, seed in pretrainings:
         variant = VARIANTS[variant_name]
-        checkpoint = pretraining_dir(out, variant_name, fraction) / "checkpoint.pth"
+        checkpoint = pretraining_dir(out, variant_name, fraction, seed) / "checkpoint.pth"
         wanted = args.epochs or METHODS[variant.method].epochs
         if pretrained_epochs(checkpoint) >= wanted:
             print(f"reusing {checkpoint}")
             continue
-        extra = ["--queue-size", str(args.queue_size)] if args.queue_size and METHODS[variant.method].queue else []
-        if variant.label_aware:
-            extra += ["--supervised", "--fraction", str(fraction)]
-        status = pretrain_script(args.dataset, variant.method, __file__, [
-            *common, "--batch-size", str(args.batch_size), "--arch", variant.arch or args.arch,
-            "--output-dir", str(checkpoint.parent),
-            "--epochs", str(wanted), "--seed", str(args.seeds[0]), "--resume", "auto", *extra])
-        if status:
-            raise StudyStopped(status)
+        queue = {"queue_size": args.queue_size} if args.queue_size and METHODS[variant.method].queue else {}
+        config = PretrainConfig(method=variant.method, output_dir=checkpoint.parent, batch_size=args.batch_size,
+                                arch=variant.arch or args.arch, epochs=wanted,
+                                seed=args.seeds[0] if seed is None else seed,
+                                supervised=variant.label_aware, fraction=fraction or 100, options=queue, **shared)
+        run_or_stop(lambda: pretrain(description, config))
 
     runs = plan(args.methods, args.modes, args.fractions, args.seeds)
     for number, run in enumerate(runs, 1):
@@ -272,20 +304,17 @@ def run_study(args: argparse.Namespace) -> None:
             print(f"[{number}/{len(runs)}] {run.name}: done before, skipped")
             continue
         print(f"[{number}/{len(runs)}] {run.name}")
-        mode = {"frozen": ["--frozen"], "finetune": [], SUPERVISED: ["--resnet"]}[run.mode]
         if run.method == SUPERVISED:
-            method, encoder = "moco", ["--arch", args.arch]
+            method, encoder = "moco", {"arch": args.arch}
         else:
-            variant = VARIANTS[run.method]
-            checkpoint = pretraining_dir(out, run.method, run.fraction) / "checkpoint.pth"
-            method, encoder = variant.method, ["--pretrained", str(checkpoint)]
-        epochs = ["--epochs", str(args.downstream_epochs)] if args.downstream_epochs else []
-        status = downstream_script(args.dataset, method, __file__, [
-            *common, "--batch-size", str(args.downstream_batch_size or args.batch_size), *mode, *encoder, *epochs,
-            "--fraction", str(run.fraction), "--seed", str(run.seed),
-            "--output-dir", str(run_dir), "--resume", "auto"])
-        if status:
-            raise StudyStopped(status)
+            method = VARIANTS[run.method].method
+            encoder = {"pretrained": pretraining_dir(out, run.method, run.fraction, pretrained_seed(run.seed)) /
+                       "checkpoint.pth"}
+        config = DownstreamConfig(method=method, output_dir=run_dir, epochs=args.downstream_epochs,
+                                  batch_size=args.downstream_batch_size or args.batch_size,
+                                  frozen=run.mode == "frozen", resnet=run.mode == SUPERVISED,
+                                  fraction=run.fraction, seed=run.seed, **encoder, **shared)
+        run_or_stop(lambda: downstream(description, config))
 
     rows = result_rows(runs, out, description.name)
     columns = list(dict.fromkeys(r.column for r in runs))
@@ -295,9 +324,9 @@ def run_study(args: argparse.Namespace) -> None:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    tables = markdown_tables(rows, description, columns, fractions)
+    tables = markdown_tables(rows, description, columns, fractions, args.pretrain_seeds)
     (out / "results.md").write_text(tables)
-    plot(rows, description, columns, sorted(fractions), out / "label_efficiency.png")
+    plot(rows, description, columns, sorted(fractions), out / "label_efficiency.png", args.pretrain_seeds)
     print(f"\n{tables}\nwrote {out / 'results.md'}, {out / 'results.csv'} and {out / 'label_efficiency.png'}")
 
 

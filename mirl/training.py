@@ -9,6 +9,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -104,6 +105,7 @@ class Trainer:
         self.store, self.save_every, self.snapshot = store, save_every, snapshot
         self.device = device
         self.epoch, self.batch = 0, 0  # the next batch to train: `batch` batches of `epoch` are done
+        self.last_loss: float | None = None  # the mean training loss of the last epoch trained
         self.skipped: list[list[str]] = []  # [image id, file, reason] of every unreadable image met
         self.skipped_csv = store.output_dir / "skipped.csv"
         if is_main_process():
@@ -141,19 +143,24 @@ class Trainer:
 
     def fit(self, epochs: int, log: RunLog, end_of_epoch: Callable[[int], dict[str, float]],
             train_mode: Callable[[], None]) -> None:
-        """Train up to `epochs` epochs; `end_of_epoch(epoch)` returns numbers for the progress bar."""
+        """Train up to `epochs` epochs; `end_of_epoch(epoch)` returns numbers for the progress report.
+
+        Progress bars are drawn when stderr is a terminal; when stdout is not one (a log file, a cluster
+        job), each epoch also ends with one plain line there instead of cursor escapes."""
         batch_size = self.loader.batch_size
+        bars = is_main_process() and sys.stderr.isatty()
+        lines = is_main_process() and not sys.stdout.isatty()
+        log.step = self.step.steps
         epoch_bar = tqdm(range(self.epoch, epochs), desc="epochs", unit="epoch", initial=self.epoch, total=epochs,
-                         disable=not is_main_process())
+                         disable=not bars)
         with StopSignals() as stop:
             for epoch in epoch_bar:
                 self.epoch = epoch
                 self.sampler.start(epoch, self.batch * batch_size)
                 train_mode()
-                readable = 0
+                readable, losses, began = 0, [], time.monotonic()
                 batch_bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
-                                 initial=self.batch, total=self.batch + len(self.loader),
-                                 disable=not is_main_process())
+                                 initial=self.batch, total=self.batch + len(self.loader), disable=not bars)
                 for position, (images, labels, ok) in enumerate(batch_bar):
                     self.batch += 1
                     readable += int(ok.sum())
@@ -164,8 +171,10 @@ class Trainer:
                     # BatchNorm and contrastive pairs need at least two images; every rank skips together
                     if not any_rank(int(ok.sum()) < 2, self.device):
                         loss = self._train_step(*readable_batch(images, labels, ok))
-                        log.scalar("train/loss", loss, self.step.steps)
-                        log.scalar("train/lr", self.step.optimizer.param_groups[0]["lr"], self.step.steps)
+                        losses.append(loss)
+                        log.step = self.step.steps
+                        log.scalar("train/loss", loss)
+                        log.scalar("train/lr", self.step.optimizer.param_groups[0]["lr"])
                         batch_bar.set_postfix(loss=f"{loss:.4f}", skipped=len(self.skipped))
                         if self.save_every and self.step.steps % self.save_every == 0:
                             self.save()
@@ -177,12 +186,18 @@ class Trainer:
                 if readable == 0 and self.skipped:
                     raise DataError(f"none of the {len(self.sampler.indices)} images of epoch {epoch + 1} could be "
                                     f"read; the reasons are in {self.skipped_csv}")
-                log.scalar("data/skipped_images", len(self.skipped), epoch)
-                summary = end_of_epoch(epoch)
+                log.scalar("data/skipped_images", len(self.skipped))
+                self.last_loss = sum(losses) / len(losses) if losses else self.last_loss
+                summary = {k: v for k, v in end_of_epoch(epoch).items() if v is not None}
                 self.epoch, self.batch = epoch + 1, 0
                 self.save()
-                epoch_bar.set_postfix({k: f"{v:.4f}" for k, v in summary.items() if v is not None},
-                                      skipped=len(self.skipped))
+                epoch_bar.set_postfix({k: f"{v:.4f}" for k, v in summary.items()}, skipped=len(self.skipped))
+                if lines:
+                    numbers = "".join(f"  {k} {v:.4f}" for k, v in summary.items())
+                    loss_text = "-" if self.last_loss is None else f"{self.last_loss:.4f}"
+                    print(f"epoch {epoch + 1}/{epochs}  loss {loss_text}  "
+                          f"lr {self.step.optimizer.param_groups[0]['lr']:.4g}{numbers}  skipped {len(self.skipped)}  "
+                          f"{time.monotonic() - began:.0f} s", flush=True)
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         try:

@@ -1,6 +1,11 @@
-"""Shared fixtures: one small RSNA-format sample dataset for the whole session."""
+"""Shared fixtures: small sample datasets for the whole session, and the dataset folders' scripts run from
+copies, so that a user's own `data/`, `splits/` and `runs/` beside the real scripts neither change a test's
+outcome nor get written to."""
+import shutil
 import subprocess
 import sys
+import tempfile
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -12,9 +17,31 @@ TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--wor
         "--device", "cpu"]
 
 
+_COPIES: list[Path] = []
+
+
+@cache
+def script_folder(folder: str) -> Path:
+    """A copy of a dataset folder's scripts (without its data, splits or runs), shared by the session: their
+    default data, split and output folders are beside the copy."""
+    _COPIES.append(Path(tempfile.mkdtemp(prefix=f"mirl-{folder}-")))
+    copy = _COPIES[-1] / folder
+    copy.mkdir()
+    for script in (REPO / folder).glob("*.py"):
+        shutil.copy2(script, copy)
+    return copy
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_script_copies():
+    yield
+    for root in _COPIES:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def run_script(folder: str, script: str, *args) -> subprocess.CompletedProcess:
-    """Run one of the dataset folders' scripts the way a user does: from its folder."""
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO / folder, capture_output=True,
+    """Run one of the dataset folders' scripts the way a user does: from its folder (a copy of it)."""
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=script_folder(folder), capture_output=True,
                           text=True, timeout=600)
 
 
@@ -32,7 +59,7 @@ def run_entry(capsys, folder: str, script: str, *args) -> subprocess.CompletedPr
     kind, method = SCRIPTS[script]
     entry = pretrain_script if kind == "pretrain" else downstream_script
     capsys.readouterr()
-    code = entry(DATASET_OF_FOLDER[folder], method, str(REPO / folder / script), [str(a) for a in args])
+    code = entry(DATASET_OF_FOLDER[folder], method, str(script_folder(folder) / script), [str(a) for a in args])
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(script, code, captured.out, captured.err)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import run_entry
+
 from mirl.datasets import ACDC, ISIC, RSNA, RSNA_CLASSES, read_info_cfg, read_label_csv, read_rsna_labels
 from mirl.errors import DataError
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 import torchvision
-
 from conftest import TINY, run_script
+
 from mirl.augment import AugmentRecipe, BatchAugment, normalize, recipe_for
 from mirl.byol import BYOL, byol_loss, target_momentum
 from mirl.models import METHODS

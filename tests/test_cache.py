@@ -2,15 +2,15 @@
 unreadable files remembered as unreadable, and a training script reading it."""
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY, run_script
 
 import mirl.datasets
 from mirl.cache import dataset_images, open_cache
 from mirl.datasets import ACDC, RSNA, ImageDataset
-
-from conftest import TINY, run_script
 
 
 @pytest.mark.parametrize("description,root_fixture", [(RSNA, "rsna_root"), (ACDC, "acdc_root")])
@@ -34,6 +34,16 @@ def test_second_open_decodes_nothing(rsna_root, tmp_path, monkeypatch):
     assert second.folder == first.folder
     records = dataset_images(RSNA, rsna_root)
     assert ImageDataset(records, 32, 0, second)[0][2]
+
+
+def test_one_data_folder_named_another_way_reads_the_same_cache(rsna_root, tmp_path, monkeypatch):
+    """A relative path and a link to the data folder are the same data: no second full copy is built."""
+    first = open_cache(RSNA, rsna_root, 32, tmp_path / "cache", workers=0)
+    (tmp_path / "link").symlink_to(rsna_root, target_is_directory=True)
+    monkeypatch.chdir(rsna_root.parent)
+    for spelling in (Path(rsna_root.name), tmp_path / "link", Path(".") / rsna_root.name / ".." / rsna_root.name):
+        assert open_cache(RSNA, spelling, 32, tmp_path / "cache", workers=0).folder == first.folder
+    assert len(list((tmp_path / "cache").iterdir())) == 1
 
 
 def test_a_changed_source_or_size_makes_a_new_cache_and_bad_files_stay_unreadable(rsna_root, tmp_path):

@@ -11,13 +11,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TINY, assert_one_line_error, script_folder
 
 from mirl import distributed
 from mirl.loaders import readable_batch
-from mirl.runtime import resolve_device
 from mirl.models import MoCo, SimCLR
-
-from conftest import REPO, TINY, assert_one_line_error
+from mirl.runtime import resolve_device
 
 B = 4
 
@@ -96,7 +95,7 @@ def test_scripts_run_under_torchrun_and_only_rank_0_writes(rsna_root, tmp_path):
     """A user's torchrun command: SimCLR pretraining then its fine-tuning, two gloo processes each."""
     def torchrun(script, *args):
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               script, *map(str, args)], cwd=REPO / "RSNA_MoCo", capture_output=True, text=True,
+                               script, *map(str, args)], cwd=script_folder("RSNA_MoCo"), capture_output=True, text=True,
                               timeout=600)
     common = ["--data-root", rsna_root, "--split-dir", tmp_path / "splits", *TINY]
     result = torchrun("trainSimCLR.py", "--output-dir", tmp_path / "simclr", *common)
@@ -114,7 +113,7 @@ def test_scripts_run_under_torchrun_and_only_rank_0_writes(rsna_root, tmp_path):
 
 def torchrun(folder: str, script: str, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           script, *map(str, args)], cwd=REPO / folder, capture_output=True, text=True, timeout=600)
+                           script, *map(str, args)], cwd=script_folder(folder), capture_output=True, text=True, timeout=600)
 
 
 def test_each_rank_uses_its_own_gpu_before_the_process_group_starts(monkeypatch):
@@ -158,6 +157,6 @@ def test_bad_files_in_one_ranks_share_neither_hang_nor_split_the_ranks(rsna_root
     skipped = (tmp_path / "mocov2" / "skipped.csv").read_text().splitlines()[1:]
     assert skipped and {row.split(",")[1] for row in skipped} <= {str(bad) for bad in corrupted}
     result = subprocess.run([sys.executable, "trainMoCoV2.py", "--output-dir", tmp_path / "mocov2", "--resume", "auto",
-                             *map(str, common), "--epochs", "2"], cwd=REPO / "RSNA_MoCo", capture_output=True,
+                             *map(str, common), "--epochs", "2"], cwd=script_folder("RSNA_MoCo"), capture_output=True,
                             text=True, timeout=600)
     assert_one_line_error(result, "world_size")

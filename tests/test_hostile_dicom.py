@@ -29,8 +29,14 @@ from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPE
 
 from mirl.datasets import ImageDataset, find_images, square_uint8
 from mirl.errors import UnreadableImageError
-from mirl.imaging import (HEMORRHAGE_WINDOWS, dicom_patient_group, percentile_uint8, read_ct_slice,
-                          read_dicom_image, three_channels)
+from mirl.imaging import (
+    HEMORRHAGE_WINDOWS,
+    dicom_patient_group,
+    percentile_uint8,
+    read_ct_slice,
+    read_dicom_image,
+    three_channels,
+)
 from mirl.sample_data import write_rsna
 
 # Some files here are odd on purpose (padded pixel data, bad VRs) and pydicom warns about them.

@@ -19,11 +19,11 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from conftest import TINY, assert_one_line_error, run_entry, run_script, script_folder
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from conftest import REPO, TINY, assert_one_line_error, run_entry, run_script
 from mirl.imaging import dicom_patient_group, read_dicom_image, read_nifti_slice, read_photo
 from mirl.sample_data import write_isic
 
@@ -75,7 +75,7 @@ def test_sigterm_to_the_whole_process_group_saves_the_state(rsna_root, tmp_path)
     out = tmp_path / "run"
     command = [sys.executable, "trainMoCoV2.py", "--data-root", str(rsna_root), "--split-dir", str(tmp_path / "s"),
                "--output-dir", str(out), *TINY, "--epochs", "50", "--workers", "2", "--knn-images", "0"]
-    process = subprocess.Popen(command, cwd=REPO / "RSNA_MoCo", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=script_folder("RSNA_MoCo"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     while not list((out / "checkpoints").glob("state-*.pth")):  # training is under way, workers running
@@ -469,24 +469,28 @@ def test_a_config_of_another_script_is_one_line(finished, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_run_leaves_the_callers_flags_as_given(rsna_root, tmp_path):
-    """Library entry points settle the architecture, queue size and epochs on their own copy of the flags."""
-    from mirl.cli import downstream_parser, pretrain_parser
+def test_a_run_assembled_in_a_notebook_keeps_its_config_and_records_what_it_settled(rsna_root, tmp_path):
+    """Configs are built without any parser, are frozen, and the run records what it settled on its own
+    (MoCo's queue size from the data, the probe's default epochs) in config.json, not in the caller's config."""
+    import dataclasses
+
+    from mirl.config import DownstreamConfig, PretrainConfig
     from mirl.datasets import RSNA
     from mirl.downstream import downstream
     from mirl.pretrain import pretrain
-    folder = REPO / "RSNA_MoCo"
-    args = pretrain_parser("rsna", "mocov2", folder).parse_args(
-        ["--data-root", str(rsna_root), "--split-dir", str(tmp_path / "splits"), "--output-dir", str(tmp_path / "p"),
-         "--image-size", "32", "--batch-size", "16", "--workers", "0", "--epochs", "1", "--device", "cpu",
-         "--knn-images", "0"])
-    given = dict(vars(args))
-    pretrain(RSNA, "mocov2", args)
-    assert vars(args) == given and args.arch is None and args.queue_size is None  # resnet50 and K were settled inside
-    args = downstream_parser("rsna", "mocov2", folder).parse_args(
-        ["--data-root", str(rsna_root), "--split-dir", str(tmp_path / "splits"), "--output-dir", str(tmp_path / "d"),
-         "--image-size", "32", "--batch-size", "16", "--workers", "0", "--device", "cpu", "--frozen",
-         "--pretrained", str(tmp_path / "p" / "checkpoint.pth"), "--fraction", "50"])
-    given = dict(vars(args))
-    downstream(RSNA, "mocov2", args)
-    assert vars(args) == given and args.epochs is None
+    shared = dict(data_root=rsna_root, split_dir=tmp_path / "splits", image_size=32, batch_size=16, workers=0,
+                  device="cpu", arch="resnet18")
+    config = PretrainConfig(method="mocov2", output_dir=tmp_path / "p", epochs=1, knn_images=0, **shared)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 2
+    pretrain(RSNA, config)
+    assert config.options == {} and config.lr is None
+    recorded = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert recorded["queue_size"] > 0 and recorded["temperature"] == 0.2 and recorded["lr"] == 0.03 * 16 / 256
+    assert recorded["flags"]["lr"] is None and "queue_size" not in recorded["flags"]
+    probe = DownstreamConfig(method="mocov2", output_dir=tmp_path / "d", frozen=True, fraction=50,
+                             pretrained=tmp_path / "p" / "checkpoint.pth", **{**shared, "arch": None})
+    downstream(RSNA, probe)
+    assert probe.epochs is None and probe.arch is None
+    recorded = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert recorded["epochs"] == 100 and recorded["arch"] == "resnet18"

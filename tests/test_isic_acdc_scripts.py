@@ -8,10 +8,9 @@ import pydicom
 import pytest
 import torch
 import torchvision
+from conftest import TINY, assert_one_line_error, run_script
 from PIL import Image
 from pydicom.data import get_testdata_file
-
-from conftest import TINY, assert_one_line_error, run_script
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
 

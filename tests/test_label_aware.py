@@ -1,6 +1,5 @@
 """Issue 7: label-aware MoCo (supervised contrastive loss over the momentum queue) and EfficientNet
 encoders, checked against direct formulas and end to end from every dataset folder."""
-import argparse
 import csv
 import json
 import math
@@ -11,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-
 from conftest import run_script
+
 from mirl import study
+from mirl.config import PretrainConfig
 from mirl.datasets import DATASETS, ImageRecord
 from mirl.models import MoCo, jaccard_overlap, label_aware_infonce
 from mirl.pretrain import label_aware_records, pretraining_records, usable_labels
@@ -150,9 +150,9 @@ def test_label_aware_pretraining_sees_only_the_fractions_labels(dataset, root, r
     split: its frames take the diagnosis of the fraction's patients, and no other patient's."""
     data = request.getfixturevalue(root)
     description = DATASETS[dataset]
-    args = argparse.Namespace(data_root=data, split_dir=tmp_path / "splits", batch_size=16, queue_size=8,
-                              supervised=True, fraction=10)
-    records, _ = pretraining_records(description, args)
+    config = PretrainConfig(method="moco", data_root=data, split_dir=tmp_path / "splits", output_dir=tmp_path,
+                            batch_size=16, supervised=True, fraction=10)
+    records, _, _ = pretraining_records(description, config)
     labelled = description.find_labelled(data)
     train = set((tmp_path / "splits" / "train10F.txt").read_text().split())
     by_patient = {r.group: r.labels for r in labelled if r.image_id in train}

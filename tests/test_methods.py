@@ -23,12 +23,21 @@ def test_queue_wraps_around_for_any_size_and_batch():
     assert torch.equal(state["keys"], expected) and state["pointer"].item() == 1 and state["filled"].item() == 5
 
 
-def test_only_enqueued_keys_are_negatives():
+def test_only_enqueued_keys_are_negatives_and_the_first_step_uses_the_batchs_other_keys():
+    """Against an empty queue the loss would be 0 and the first step would train nothing: there, each
+    query's negatives are the other keys of its batch, -log(exp(q_i.k_i/T) / sum_j exp(q_i.k_j/T))."""
     torch.manual_seed(0)
-    model = MoCo("resnet18", queue_size=64, bn_splits=1).eval()
+    model = MoCo("resnet18", queue_size=64, bn_splits=1, temperature=0.2).eval()
     images = torch.randn(4, 3, 32, 32)
     loss, logits = model(images, images)
-    assert logits.shape == (4, 1) and loss.item() == 0.0  # an empty queue offers no negative yet
+    keys = model.queue.negatives()
+    assert logits.shape == (4, 4) and keys.shape == (4, 128)
+    queries = F.normalize(model.head_q(model.encoder_q(images)), dim=1).detach()
+    by_hand = -sum(math.log(math.exp(queries[i] @ keys[i] / 0.2) /
+                            sum(math.exp(queries[i] @ keys[j] / 0.2) for j in range(4))) for i in range(4)) / 4
+    assert loss.item() > 0 and loss.item() == pytest.approx(by_hand, rel=1e-4)
+    loss.backward()
+    assert model.encoder_q.conv1.weight.grad.abs().sum() > 0
     _, logits = model(images, images)
     assert logits.shape == (4, 5) and model.queue.state_dict()["filled"].item() == 8
 

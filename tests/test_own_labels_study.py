@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import assert_one_line_error
+
 from mirl import study
 from mirl.datasets import read_label_csv
 from mirl.errors import DataError

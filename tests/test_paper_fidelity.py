@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import TINY, assert_one_line_error, run_entry, run_script
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import TINY, assert_one_line_error, run_entry, run_script
-from mirl.augment import evaluation_view, affine_crop, source_side
+from mirl.augment import affine_crop, evaluation_view, source_side
 from mirl.datasets import square_uint8
 from mirl.downstream import FINETUNE_ENCODER_LR_SCALE, PROBE_LRS
-from mirl.loaders import EpochSampler
 from mirl.errors import InputError
+from mirl.loaders import EpochSampler
 from mirl.metrics import weighted_log_loss
-from mirl.models import MoCo, SimCLR
 from mirl.moco import checked_queue_size, default_queue_size
+from mirl.models import MoCo, SimCLR
 
 
 def textured(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -1,14 +1,14 @@
 """Same-patient positives (MICLe): pairs never cross a patient, study pairs are neighbouring slices of one
 series, the test split never enters a pair, and every method pretrains with them."""
-import argparse
 import json
 from collections import Counter
 
 import pydicom
 import pytest
 import torch
-
 from conftest import TINY, run_script
+
+from mirl.config import PretrainConfig
 from mirl.datasets import ACDC, ISIC, RSNA, ImageDataset
 from mirl.loaders import EpochSampler, make_loader
 from mirl.positives import PairedImages, partner_candidates
@@ -16,8 +16,8 @@ from mirl.pretrain import pretraining_records
 
 
 def pretraining_set(description, root, split_dir):
-    args = argparse.Namespace(data_root=root, split_dir=split_dir, supervised=False, batch_size=2, fraction=100)
-    return pretraining_records(description, args)[0]
+    config = PretrainConfig(method="mocov2", data_root=root, split_dir=split_dir, output_dir=split_dir, batch_size=2)
+    return pretraining_records(description, config)[0]
 
 
 def test_patient_pairs_stay_within_a_patient_and_cover_its_images(acdc_root, tmp_path):

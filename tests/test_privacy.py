@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from conftest import run_entry
+
 from mirl.sample_data import write_rsna
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the scripts

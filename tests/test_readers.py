@@ -8,8 +8,16 @@ import pytest
 from nibabel.testing import data_path
 from PIL import Image
 
-from mirl.datasets import (ACDC, ISIC, RSNA_CLASSES, decode_record, find_images, read_info_cfg, read_label_csv,
-                           read_rsna_labels)
+from mirl.datasets import (
+    ACDC,
+    ISIC,
+    RSNA_CLASSES,
+    decode_record,
+    find_images,
+    read_info_cfg,
+    read_label_csv,
+    read_rsna_labels,
+)
 from mirl.errors import DataError
 from mirl.metrics import evaluate, patient_vote_accuracy
 from mirl.sample_data import write_rsna

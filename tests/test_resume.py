@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from conftest import assert_one_line_error, run_entry, run_script, script_folder
 from PIL import Image
 
-from conftest import REPO, assert_one_line_error, run_entry, run_script
 from mirl.augment import source_side
 from mirl.checkpoints import CheckpointStore, load_checkpoint
 from mirl.datasets import ImageDataset, ImageRecord
+from mirl.errors import CheckpointError
 from mirl.loaders import make_loader
 from mirl.run_files import RunLog
 from mirl.training import Trainer
-from mirl.errors import CheckpointError
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
 
@@ -45,7 +45,7 @@ def killed_then_resumed(script: str, args: list, out: Path, kill_at: str, sig: i
     """Start `script`, send `sig` as soon as the state `kill_at` exists, then rerun with --resume auto;
     returns the resumed run's stderr."""
     command = [sys.executable, script, *map(str, args), "--output-dir", str(out)]
-    process = subprocess.Popen(command, cwd=REPO / "RSNA_MoCo", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=script_folder("RSNA_MoCo"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.monotonic() + 300
     while not (out / "checkpoints" / kill_at).exists():

@@ -7,7 +7,6 @@ from functools import partial
 import pytest
 import torch
 import torchvision
-
 from conftest import TINY, assert_one_line_error, run_entry
 from conftest import run_script as run_in_folder
 

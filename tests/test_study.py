@@ -27,6 +27,7 @@ def test_tiny_study_writes_tables_csv_and_plot_then_resumes(rsna_root, tmp_path,
                for r in rows if r["test_auc_macro_ci_low"])
     table = (out / "results.md").read_text()
     assert "| 100 % |" in table and "| 50 % |" in table and "Supervised" in table
+    assert "Cells: one seed [95 % patient-bootstrap interval" in table and "test weighted log loss" in table
     assert (out / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
     checkpoint = torch.load(out / "pretrain" / "mocov2" / "checkpoint.pth", weights_only=True)
     assert "knn_auc_macro" in checkpoint["monitor"]  # the online monitor ran during pretraining
@@ -40,9 +41,22 @@ def test_tiny_study_writes_tables_csv_and_plot_then_resumes(rsna_root, tmp_path,
 
     picture = tmp_path / "tsne.png"
     assert embed.main([str(out / "pretrain" / "mocov2" / "checkpoint.pth"), "--data-root", str(rsna_root),
-                       "--split-dir", str(out / "splits"), "--out", str(picture), "--image-size", "32",
+                       "--split-dir", str(out / "splits"), "--out", str(picture),  # at the checkpoint's 32 px
                        "--workers", "0", "--device", "cpu"]) == 0
     assert picture.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pretrain_seeds_give_each_seed_its_own_pretraining(rsna_root, tmp_path):
+    out = tmp_path / "study"
+    assert study.main(["rsna", "--data-root", str(rsna_root), "--output-dir", str(out), "--fractions", "100",
+                       "--methods", "mocov2", "--modes", "frozen", "--seeds", "3", "4", "--pretrain-seeds", *SIZE]) == 0
+    seeds = {seed: json.loads((out / "pretrain" / f"mocov2_seed{seed}" / "config.json").read_text())["seed"]
+             for seed in (3, 4)}
+    assert seeds == {3: 3, 4: 4} and not (out / "pretrain" / "mocov2").exists()
+    for seed in (3, 4):
+        used = json.loads((out / "runs" / f"mocov2_frozen_100F_seed{seed}" / "config.json").read_text())["pretrained"]
+        assert used == str(out / "pretrain" / f"mocov2_seed{seed}" / "checkpoint.pth")
+    assert "each seed its own pretraining and downstream run" in (out / "results.md").read_text()
 
 
 def test_knn_scores_by_hand():

@@ -1,0 +1,113 @@
+"""Typed, frozen run configurations: what a pretraining or downstream run is asked to do.
+
+The scripts build one from their flags at the command-line edge (`from_flags`); `mirl.study` and a
+notebook build them directly. Library functions take a config and never change it: what a run settles
+on its own (the checkpoint's architecture, MoCo's queue size from the number of images, default epochs)
+is a new config made with `dataclasses.replace`. `flags()` gives the flag values back, which is what
+`config.json` records so that `--config OUTPUT/config.json` relaunches the run.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping, TypeVar
+
+AnyConfig = TypeVar("AnyConfig", bound="RunConfig")
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """What every run takes: data, outputs, the training budget, the device and how states are kept.
+
+    `arch` None: resnet50 for a fresh network, the checkpoint's for a pretrained one. `epochs` None:
+    the method's paper default (pretraining) or the mode's (downstream). `lr` None: the method's rate
+    scaled to the batch (pretraining), chosen on validation from a grid (linear probe) or the
+    fine-tuning default."""
+
+    data_root: Path
+    output_dir: Path
+    split_dir: Path
+    epochs: int | None = None
+    batch_size: int = 256
+    arch: str | None = None
+    image_size: int = 224
+    workers: int = DEFAULT_WORKERS
+    device: str = "auto"
+    precision: str = "auto"
+    lr: float | None = None
+    seed: int = 0
+    deterministic: bool = False
+    resume: str | None = None
+    save_every: int = 500
+    keep: int = 2
+    cache: Path | None = None
+    channels_last: bool = True
+    compile: bool = False
+    labels: Path | None = None
+    group_column: str | None = None
+
+    def __post_init__(self) -> None:
+        # absolute paths, links resolved: a record (config.json) and a relaunch mean the same folders from any
+        # working directory, and two spellings of one data folder read one cache
+        for name, value in vars(self).items():
+            if isinstance(value, Path):
+                object.__setattr__(self, name, value.resolve())
+
+    @classmethod
+    def from_flags(cls: type[AnyConfig], flags: Mapping[str, object]) -> AnyConfig:
+        """The config of a script's parsed flags (`vars(args)`); flags that are no field of the config are a
+        method's own options (pretraining) or the edge's (`--config`)."""
+        names = {f.name for f in fields(cls)}
+        given = {k: v for k, v in flags.items() if k in names and k != "options"}
+        if "options" in names:
+            given["options"] = {k: v for k, v in flags.items() if k not in names and k != "config"}
+        return cls(**given)
+
+    def flags(self) -> dict[str, object]:
+        """The flag values this config was made from, by argparse name: a relaunch takes them as defaults."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        values.update(getattr(self, "options", {}))
+        return values
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig(RunConfig):
+    """A self-supervised pretraining run of `method` (a key of `mirl.models.METHODS`). `options` are the
+    method's own flags by argparse name (MoCo's `queue_size`, `temperature`, ...); those left out take the
+    method's defaults. `supervised` (queue methods): label-aware MoCo on the `fraction` split's labels."""
+
+    method: str
+    optimizer: str | None = None  # None: the method's (SGD for MoCo, LARS for SimCLR and BYOL)
+    augment: str | None = None  # None: grey for CT and MR datasets, the paper's colour recipe otherwise
+    positives: str = "views"
+    knn_images: int = 2000
+    supervised: bool = False
+    fraction: int = 100
+    options: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))  # frozen all the way down
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownstreamConfig(RunConfig):
+    """A classifier trained on `fraction` % of the labels: fine-tuning the encoder of `pretrained` (a
+    checkpoint of `method`), a linear probe on it (`frozen`), or a supervised network without
+    self-supervised pretraining (`resnet`, from `init_weights` when given)."""
+
+    method: str
+    pretrained: Path | None = None
+    fraction: int = 100
+    frozen: bool = False
+    resnet: bool = False
+    encoder_lr_scale: float | None = None
+    init_weights: Path | None = None
+    transfer: bool = False  # `pretrained` was made on other data on purpose
+
+    @property
+    def mode(self) -> str:
+        return "resnet" if self.resnet else ("frozen" if self.frozen else "finetune")

@@ -1,0 +1,107 @@
+"""An encoder to use outside MIRL: its weights alone, and the preprocessing a user must repeat.
+
+`python -m mirl.export CHECKPOINT --out DIR` writes `DIR/encoder.pth`, a plain torchvision state dict
+without the classifier (`torchvision.models.<arch>()` loads it with `strict=False`, leaving only the
+classifier missing), and `DIR/preprocessing.json`: how an image was turned into the network's input
+during training and evaluation (the reader and its windows or normalisation, the geometry, the input
+size, the normalisation constants) and a torchvision transform that matches it. It takes a pretraining
+checkpoint (its encoder) or a downstream one (the network without its head).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from mirl.augment import CENTRE_CROP, IMAGENET_MEAN, IMAGENET_STD, source_side
+from mirl.checkpoints import load_checkpoint, reading_state, save_checkpoint
+from mirl.edge import guarded
+from mirl.errors import CheckpointError
+from mirl.flags import OneLineParser
+from mirl.imaging import BRAIN_WINDOW, SOFT_TISSUE_WINDOW, SUBDURAL_WINDOW
+from mirl.models import ENCODERS, build_encoder
+from mirl.run_files import atomic_write_text, prepare_output_dir
+
+# How each dataset's reader turns a file into an H x W x 3 uint8 image.
+DECODING = {
+    "rsna": {"reader": "DICOM (pydicom)", "values": "Hounsfield units: stored value x RescaleSlope + RescaleIntercept",
+             "channels": [{"window": name, "centre": centre, "width": width}
+                          for name, (centre, width) in (("brain", BRAIN_WINDOW), ("subdural", SUBDURAL_WINDOW),
+                                                        ("soft tissue", SOFT_TISSUE_WINDOW))],
+             "to_uint8": "each window clipped to [centre - width / 2, centre + width / 2] and scaled to 0..255"},
+    "isic": {"reader": "JPEG or PNG photo (Pillow)", "channels": "R, G, B as stored"},
+    "acdc": {"reader": "NIfTI (nibabel), one 2-D slice of one frame",
+             "to_uint8": "each volume scaled from its 1st to its 99th intensity percentile to 0..255",
+             "channels": "the grey slice repeated three times"},
+}
+
+
+def encoder_from_checkpoint(path: Path) -> tuple[torch.nn.Module, dict]:
+    """The encoder of a MIRL checkpoint (pretraining: its encoder; downstream: the network without its
+    classifier) and the checkpoint's other fields."""
+    checkpoint = load_checkpoint(path)
+    arch = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
+    if not isinstance(arch, str) or arch not in ENCODERS:
+        raise CheckpointError(f"{path} is not a MIRL checkpoint with a known architecture")
+    head = ENCODERS[arch].classifier_prefix
+    encoder, _ = build_encoder(arch)
+    with reading_state(path):
+        weights = checkpoint.get("encoder") or {k: v for k, v in checkpoint.get("model", {}).items()
+                                                if not k.startswith(head)}
+        encoder.load_state_dict(weights)
+    return encoder, {k: v for k, v in checkpoint.items() if k not in ("encoder", "model")}
+
+
+def checkpoint_image_size(fields: dict) -> int | None:
+    """The input size the checkpoint's network was trained at, when it says."""
+    size = fields.get("image_size", (fields.get("run") or {}).get("image_size"))
+    return size if isinstance(size, int) else None
+
+
+def preprocessing(dataset: str, image_size: int) -> dict:
+    """What an image goes through before the network, in MIRL's evaluation view."""
+    source = source_side(image_size)
+    crop = round(source * CENTRE_CROP)
+    return {
+        "decoding": DECODING.get(dataset, {"reader": "PNG/JPEG photo, DICOM or NIfTI slice",
+                                           "to_uint8": "grey-scale images scaled from their 1st to 99th "
+                                                       "percentile to 0..255 and repeated to three channels"}),
+        "geometry": {"source": f"shorter side resized to {source} px, longer side centre-cropped to a square",
+                     "centre_crop_fraction": CENTRE_CROP, "input_size": image_size},
+        "normalisation": {"scale": "uint8 / 255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        # crop, then shrink: shrinking first to round(input / 0.875) would change the scale by the rounding
+        "torchvision_equivalent": f"Resize({source}), CenterCrop({crop}), Resize({image_size}), ToTensor(), "
+                                  f"Normalize(mean={list(IMAGENET_MEAN)}, std={list(IMAGENET_STD)})",
+    }
+
+
+def export(checkpoint: Path, out: Path, image_size: int | None) -> None:
+    encoder, fields = encoder_from_checkpoint(checkpoint)
+    size = image_size or checkpoint_image_size(fields)
+    if size is None:
+        raise CheckpointError(f"{checkpoint} does not record its input size (written by an older MIRL); "
+                              "pass --image-size")
+    prepare_output_dir(out)
+    save_checkpoint(encoder.state_dict(), out / "encoder.pth")
+    dataset = str(fields.get("dataset", ""))
+    record = {"arch": fields["arch"], "method": fields.get("method"), "dataset": dataset,
+              "source_checkpoint": str(checkpoint.resolve()), "load": f"torchvision.models.{fields['arch']}()"
+              ".load_state_dict(torch.load('encoder.pth', weights_only=True), strict=False): only the "
+              "classifier is missing", **preprocessing(dataset, size)}
+    atomic_write_text(out / "preprocessing.json", json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out / 'encoder.pth'} ({fields['arch']}) and {out / 'preprocessing.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="python -m mirl.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path, help="a pretraining or downstream checkpoint.pth")
+    parser.add_argument("--out", type=Path, required=True, help="folder for encoder.pth and preprocessing.json")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's")
+    args = parser.parse_args(argv)
+    return guarded(lambda: export(args.checkpoint, args.out, args.image_size))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
