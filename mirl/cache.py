@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from mirl import distributed
 from mirl.augment import source_side
@@ -34,6 +33,7 @@ from mirl.datasets import DATASETS, DatasetDescription, ImageDataset, ImageRecor
 from mirl.edge import guarded
 from mirl.errors import InputError, OutputError
 from mirl.flags import OneLineParser, image_size
+from mirl.run_files import progress
 
 # Bump when decoding changes (windows, normalisation, resizing): old caches then stop matching.
 # Format 2: images kept at source_side(image_size), the shorter side resized and the longer centre-cropped.
@@ -108,7 +108,7 @@ def build_cache(records: list[ImageRecord], image_size: int, folder: Path, worke
         unlabelled = [replace(r, labels=None) for r in records]  # pixels only: labels live in the readers
         loader = DataLoader(ImageDataset(unlabelled, image_size, num_classes=0), batch_size=64, num_workers=workers)
         row = 0
-        for batch, _, ok in tqdm(loader, desc=f"decoding into {folder.name}", unit="batch"):
+        for batch, _, ok in progress(loader, desc=f"decoding into {folder.name}", unit="batch"):
             images[row:row + len(batch)] = batch.numpy()
             readable[row:row + len(batch)] = ok.numpy()
             row += len(batch)

@@ -15,9 +15,10 @@ from mirl.config import DownstreamConfig, PretrainConfig, RunConfig
 from mirl.datasets import DATASETS, DatasetDescription, with_label_csv
 from mirl.downstream import downstream
 from mirl.edge import guarded
+from mirl.encoders import architecture_name
 from mirl.errors import InputError
 from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_float, positive_int
-from mirl.models import ENCODERS, METHODS
+from mirl.models import METHODS
 from mirl.positives import POSITIVES
 from mirl.pretrain import pretrain
 from mirl.splits import FRACTIONS
@@ -34,7 +35,7 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epo
                              "for its data/ folder, splits/DATA-HASH/ for other data)")
     parser.add_argument("--epochs", type=positive_int, default=default_epochs)
     parser.add_argument("--batch-size", type=batch_size, default=RunConfig.batch_size)
-    parser.add_argument("--arch", choices=sorted(ENCODERS), default=None,
+    parser.add_argument("--arch", type=architecture_name, default=None,
                         help="encoder architecture (default resnet50; downstream: the checkpoint's)")
     parser.add_argument("--image-size", type=image_size, default=RunConfig.image_size)
     parser.add_argument("--workers", type=non_negative_int, default=RunConfig.workers)
@@ -88,6 +89,9 @@ def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.Argumen
                              "neighbouring images of one study (study: adjacent slices of a series or volume, "
                              "another photo of a lesion), or any two images of one patient (patient); an image "
                              "without another pairs with itself")
+    parser.add_argument("--init-weights", type=Path, default=None,
+                        help="a local state dict of --arch (e.g. ImageNet weights saved beforehand; never "
+                             "downloaded) that the encoder(s) start from instead of random weights")
     parser.add_argument("--knn-images", type=non_negative_int, default=PretrainConfig.knn_images,
                         help="labelled train images in the kNN monitor's bank (half as many val queries); 0: off")
     spec.add_flags(parser)

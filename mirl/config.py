@@ -48,6 +48,7 @@ class RunConfig:
     compile: bool = False
     labels: Path | None = None
     group_column: str | None = None
+    init_weights: Path | None = None  # a local state dict the encoder(s) start from (never downloaded)
 
     def __post_init__(self) -> None:
         # absolute paths, links resolved: a record (config.json) and a relaunch mean the same folders from any
@@ -105,7 +106,6 @@ class DownstreamConfig(RunConfig):
     frozen: bool = False
     resnet: bool = False
     encoder_lr_scale: float | None = None
-    init_weights: Path | None = None
     transfer: bool = False  # `pretrained` was made on other data on purpose
 
     @property

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from mirl.errors import InputError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -151,6 +153,8 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
     differentiable all_reduce of the per-channel sums. In one process it is plain BatchNorm.
     """
 
+    mirl_batchnorm = True  # one of MIRL's own
+
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
             raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
@@ -182,6 +186,11 @@ def convert_to_cross_rank_batchnorm(module: nn.Module) -> nn.Module:
     if is_distributed() and dist.get_backend() == "nccl":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if type(module) not in (nn.BatchNorm1d, nn.BatchNorm2d, CrossRankBatchNorm):
+            if not is_distributed():
+                return module  # one process: its own batch statistics are the global batch's
+            raise InputError(f"{type(module).__name__} cannot be made a cross-process BatchNorm without changing "
+                             "the network; choose an encoder with plain BatchNorm (torchvision's, or timm's ResNets)")
         converted = CrossRankBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                        module.track_running_stats)
         converted.load_state_dict(module.state_dict())

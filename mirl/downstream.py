@@ -21,11 +21,12 @@ from mirl.cache import open_cache
 from mirl.checkpoints import CHECKPOINT_NAME, check_same_run, load_checkpoint, reading_state, save_checkpoint
 from mirl.config import DownstreamConfig
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
+from mirl.encoders import load_encoder, local_weights
 from mirl.errors import CheckpointError, InputError
 from mirl.inference import predict
 from mirl.loaders import make_loader
 from mirl.metrics import bootstrap_interval, evaluate, primary_metric, reported_metrics
-from mirl.models import ENCODERS, METHODS, MethodSpec, build_classifier
+from mirl.models import ENCODERS, METHODS, MethodSpec, architecture, build_classifier, known_architecture
 from mirl.optim import build_scheduler
 from mirl.run_files import RunLog, open_run, provenance
 from mirl.runtime import precision_name, prepare_network, resolve_device, resolve_precision, seed_everything
@@ -88,9 +89,9 @@ def pretrained_encoder(method: MethodSpec,
         origin = f"a {METHODS[found].title} checkpoint" if found in METHODS else "not a MIRL pretraining checkpoint"
         raise CheckpointError(f"{path} is {origin}; this script needs one written by {method.script}")
     arch, encoder = checkpoint.get("arch"), checkpoint["encoder"]
-    if not isinstance(arch, str) or arch not in ENCODERS:
+    if not known_architecture(arch):
         raise CheckpointError(f"{path} names no known architecture ({str(arch)[:40]!r}; known: "
-                              f"{', '.join(sorted(ENCODERS))})")
+                              f"{', '.join(sorted(ENCODERS))}, timm:NAME)")
     if not isinstance(encoder, dict) or not all(isinstance(v, torch.Tensor) for v in encoder.values()):
         raise CheckpointError(f"{path}: its encoder is not a mapping of names to tensors")
     if config.arch is not None and config.arch != arch:
@@ -127,28 +128,10 @@ def starting_weights(method: MethodSpec, config: DownstreamConfig
         arch, encoder, data = pretrained_encoder(method, config)
         return arch, encoder, config.pretrained, data
     arch = config.arch or "resnet50"
+    architecture(arch)  # one MIRL can build, or an input error now
     if config.init_weights is None:
         return arch, None, None, None
-    return arch, torchvision_weights(config.init_weights, arch), config.init_weights, None
-
-
-def torchvision_weights(path: Path, arch: str) -> dict[str, torch.Tensor]:
-    """A local torchvision state dict for --init-weights, without its ImageNet classifier."""
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} is not a torchvision state dict (a mapping of names to tensors)")
-    return {k: v for k, v in state.items() if not k.startswith(ENCODERS[arch].classifier_prefix)}
-
-
-def load_encoder(model: nn.Module, encoder: dict[str, torch.Tensor], source: Path, arch: str) -> None:
-    """Load encoder weights into a torchvision classifier; only its new classifier may be left out."""
-    head = ENCODERS[arch].classifier_prefix
-    try:
-        missing, unexpected = model.load_state_dict(encoder, strict=False)
-    except RuntimeError as error:
-        raise CheckpointError(f"{source} does not fit the model: {str(error).splitlines()[1].strip()}") from None
-    if unexpected or any(not k.startswith(head) for k in missing):
-        raise CheckpointError(f"{source} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return arch, local_weights(config.init_weights, arch), config.init_weights, None
 
 
 def labelled_splits(description: DatasetDescription,
@@ -178,12 +161,12 @@ def classifier_optimizer(model: nn.Module, config: DownstreamConfig, probe_lrs: 
                          pretrained: bool) -> torch.optim.Optimizer:
     """The linear probe: SGD, one parameter group per head of the grid at its own rate. Fine-tuning: AdamW,
     the head at `--lr` (default FINETUNE_LR), the encoder at `--encoder-lr-scale` times that."""
-    architecture = ENCODERS[config.arch]
+    family = architecture(config.arch)
     if config.frozen:
-        grid = architecture.output_layer(model)
+        grid = family.output_layer(model)
         return torch.optim.SGD([{"params": list(h.parameters()), "lr": lr} for h, lr in zip(grid.heads, probe_lrs)],
                                lr=probe_lrs[0], momentum=0.9, weight_decay=0.0)
-    head, head_lr = architecture.classifier_prefix, config.lr or FINETUNE_LR
+    head, head_lr = family.classifier_prefix, config.lr or FINETUNE_LR
     # a randomly initialised encoder has no features to protect: it always trains at the head's rate
     encoder_scale = config.encoder_lr_scale if config.encoder_lr_scale is not None else \
         (FINETUNE_ENCODER_LR_SCALE if pretrained else 1.0)
@@ -254,17 +237,17 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
 
     seed_everything(run.seed, run.deterministic)
     classes = description.classes
-    architecture = ENCODERS[run.arch]
+    family = architecture(run.arch)
     model = build_classifier(run.arch, len(classes))
     if encoder is not None:
         load_encoder(model, encoder, source, run.arch)
-    head = architecture.classifier_prefix
-    output_prefix = architecture.output_prefix(model)
+    head = family.classifier_prefix
+    output_prefix = family.output_prefix(model)
     probe_lrs = (run.lr,) if run.lr else PROBE_LRS
     if run.frozen:
         for p in model.parameters():
             p.requires_grad = False
-        architecture.replace_output_layer(model, ProbeGrid(architecture.output_layer(model).in_features,
+        family.replace_output_layer(model, ProbeGrid(family.output_layer(model).in_features,
                                                            len(classes), len(probe_lrs)))
     model = prepare_network(model, device, run.channels_last, run.compile)
     # `network` trains (wrapped for DDP under torchrun); `model` is the plain torchvision model it wraps
@@ -351,7 +334,7 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
             trainer.restore(resumed, resume_from)
     trainer.fit(run.epochs, log, end_of_epoch, train_mode)
     if run.frozen:  # back to the plain torchvision classifier, holding the head chosen on validation
-        architecture.replace_output_layer(model, nn.Linear(architecture.output_layer(model).heads[0].in_features,
+        family.replace_output_layer(model, nn.Linear(family.output_layer(model).heads[0].in_features,
                                                            len(classes)).to(device))
     model.load_state_dict(best["state"])
     if run.frozen:

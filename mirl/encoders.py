@@ -1,25 +1,44 @@
 """Encoders and projection heads shared by every method.
 
-The encoder is a plain torchvision model with its classifier removed, so the state dict a
-pretraining run saves loads into `torchvision.models.resnet50()` (or `efficientnet_b0()`...) under
-the same key names.
+An encoder is a torchvision model, or a timm model (`--arch timm:NAME`), with its classifier removed, so
+the state dict a pretraining run saves loads into `torchvision.models.resnet50()` (or
+`timm.create_model("NAME")`) under the same key names. Nothing is ever downloaded.
+
+What the methods assume of an encoder, made explicit here: it maps an image batch to one feature vector
+per image; MoCo's shuffle-BN substitute (`SplitBatchNorm2d`) replaces whatever BatchNorm2d layers it has
+(a network without BatchNorm, such as ConvNeXt with LayerNorm, leaks nothing across a batch and needs
+none); random layers (dropout, stochastic depth, timm's DropPath) are kept out of MoCo's key encoder.
+Vision transformers are refused: their patch embedding fixes the input size, and the recipes here are
+the CNN papers' (MoCo v3 changed the optimizer and froze the patch projection to train ViTs stably).
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Callable
 
+import timm
+import timm.layers
+import torch
 import torch.nn as nn
 import torchvision
+
+from mirl.checkpoints import load_checkpoint
+from mirl.errors import CheckpointError, InputError
+
+TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """A torchvision classifier family usable as an encoder: its builder and the attribute that holds
-    its ImageNet classifier (`fc` for ResNets, `classifier`, a dropout then a linear layer, for
-    EfficientNets). Everything else (feature width, heads, checkpoint keys) follows from the model."""
+    """A classifier family usable as an encoder: how to build it with `num_classes` outputs, and the
+    dotted name of the module that holds its classifier (`fc` for ResNets, `classifier`, a dropout then a
+    linear layer, for torchvision's EfficientNets, `head.fc` for timm's ConvNeXt). Everything else (feature
+    width, heads, checkpoint keys) follows from the model."""
 
-    build: Callable[..., nn.Module]
+    build: Callable[[int], nn.Module]
     classifier: str
 
     @property
@@ -29,52 +48,143 @@ class Architecture:
 
     def output_layer(self, model: nn.Module) -> nn.Module:
         """The classifier's output layer (the last one of a Sequential)."""
-        layer = getattr(model, self.classifier)
+        layer = model.get_submodule(self.classifier)
         return layer[-1] if isinstance(layer, nn.Sequential) else layer
 
     def output_prefix(self, model: nn.Module) -> str:
         """How the output layer's parameter names start in the model's state dict."""
-        layer = getattr(model, self.classifier)
+        layer = model.get_submodule(self.classifier)
         return f"{self.classifier}.{len(layer) - 1}." if isinstance(layer, nn.Sequential) else self.classifier_prefix
 
     def replace_output_layer(self, model: nn.Module, layer: nn.Module) -> None:
         """Put `layer` where the classifier's output layer is."""
-        current = getattr(model, self.classifier)
+        current = model.get_submodule(self.classifier)
         if isinstance(current, nn.Sequential):
             current[-1] = layer
         else:
-            setattr(model, self.classifier, layer)
+            parent, _, name = self.classifier.rpartition(".")
+            setattr(model.get_submodule(parent), name, layer)
+
+
+def torchvision_architecture(builder: Callable[..., nn.Module], classifier: str) -> Architecture:
+    return Architecture(lambda num_classes: builder(weights=None, num_classes=num_classes), classifier)
 
 
 ENCODERS: dict[str, Architecture] = {
-    "resnet18": Architecture(torchvision.models.resnet18, "fc"),
-    "resnet50": Architecture(torchvision.models.resnet50, "fc"),
-    "efficientnet_b0": Architecture(torchvision.models.efficientnet_b0, "classifier"),
-    "efficientnet_b1": Architecture(torchvision.models.efficientnet_b1, "classifier"),
-    "efficientnet_b2": Architecture(torchvision.models.efficientnet_b2, "classifier"),
-    "efficientnet_b3": Architecture(torchvision.models.efficientnet_b3, "classifier"),
+    "resnet18": torchvision_architecture(torchvision.models.resnet18, "fc"),
+    "resnet50": torchvision_architecture(torchvision.models.resnet50, "fc"),
+    "efficientnet_b0": torchvision_architecture(torchvision.models.efficientnet_b0, "classifier"),
+    "efficientnet_b1": torchvision_architecture(torchvision.models.efficientnet_b1, "classifier"),
+    "efficientnet_b2": torchvision_architecture(torchvision.models.efficientnet_b2, "classifier"),
+    "efficientnet_b3": torchvision_architecture(torchvision.models.efficientnet_b3, "classifier"),
 }
-# the network classes inside these encoders, compiled in place by --compile
-ENCODER_CLASSES = (torchvision.models.ResNet, torchvision.models.EfficientNet)
+
+
+@cache
+def timm_architecture(arch: str) -> Architecture:
+    """A timm model by name (`timm:convnext_atto`), checked to be one MIRL can train: built once without
+    weights to read where its classifier is and whether it is a transformer."""
+    name = arch.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(name):
+        raise InputError(f"--arch {arch}: timm has no model {name!r} (timm.list_models() lists them)")
+    probe = timm.create_model(name, pretrained=False, num_classes=1)
+    if hasattr(probe, "patch_embed"):
+        raise InputError(f"--arch {arch} is a vision transformer: its patch embedding fixes the input size and "
+                         "the methods' recipes here are the CNN papers' (MoCo v3 changed both for ViTs); use a "
+                         "convolutional network (timm:resnet50, timm:convnext_tiny, ...)")
+    classifier = probe.default_cfg.get("classifier")
+    if not isinstance(classifier, str) or not isinstance(probe.get_submodule(classifier), nn.Linear):
+        raise InputError(f"--arch {arch}: its classifier is not one linear layer, which MIRL replaces")
+    return Architecture(lambda num_classes: timm.create_model(name, pretrained=False, num_classes=num_classes),
+                        classifier)
+
+
+def architecture(arch: str) -> Architecture:
+    """The registered torchvision architecture, or a timm one (`timm:NAME`); an unknown name is an input error."""
+    if arch in ENCODERS:
+        return ENCODERS[arch]
+    if arch.startswith(TIMM_PREFIX):
+        return timm_architecture(arch)
+    raise InputError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ENCODERS))}, or timm:NAME")
+
+
+def architecture_name(text: str) -> str:
+    """The `--arch` flag type: a registered torchvision architecture or `timm:NAME` (checked in full, and
+    refused in one line if MIRL cannot train it, when the run builds it)."""
+    if text not in ENCODERS and not (text.startswith(TIMM_PREFIX) and len(text) > len(TIMM_PREFIX)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(sorted(ENCODERS))}, nor timm:NAME")
+    return text
+
+
+def known_architecture(arch: object) -> bool:
+    """Whether a checkpoint's `arch` names an architecture MIRL can build."""
+    if not isinstance(arch, str):
+        return False
+    try:
+        architecture(arch)
+    except InputError:
+        return False
+    return True
 
 
 def build_classifier(arch: str, num_classes: int) -> nn.Module:
-    """A randomly initialised torchvision model with `num_classes` outputs (never downloads weights)."""
-    return ENCODERS[arch].build(weights=None, num_classes=num_classes)
+    """A randomly initialised model with `num_classes` outputs (never downloads weights)."""
+    model = architecture(arch).build(num_classes)
+    model.is_mirl_encoder = True  # what --compile compiles in place
+    return model
 
 
-def build_encoder(arch: str, norm_layer: Callable[[int], nn.Module] | None = None) -> tuple[nn.Module, int]:
-    """The torchvision model without its classifier, and the width of the features it returns."""
-    architecture = ENCODERS[arch]
-    kwargs = {"norm_layer": norm_layer} if norm_layer is not None else {}
-    model = architecture.build(weights=None, **kwargs)
-    feature_dim = architecture.output_layer(model).in_features
-    setattr(model, architecture.classifier, nn.Identity())
+def build_encoder(arch: str) -> tuple[nn.Module, int]:
+    """The model without its classifier, and the width of the features it returns."""
+    family = architecture(arch)
+    model = build_classifier(arch, 1)
+    feature_dim = family.output_layer(model).in_features
+    parent, _, name = family.classifier.rpartition(".")
+    setattr(model.get_submodule(parent), name, nn.Identity())
     return model, feature_dim
 
 
+def batchnorm_variants(model: nn.Module) -> list[str]:
+    """The BatchNorm layers of `model` that are not plain BatchNorm1d/2d (timm's BatchNormAct2d folds an
+    activation in): ones MIRL cannot swap for its split-batch or cross-process BatchNorm without changing
+    the network."""
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d)
+    return sorted({type(m).__name__ for m in model.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in plain
+                   and not getattr(type(m), "mirl_batchnorm", False)})
+
+
+def local_weights(path: Path, arch: str) -> dict[str, torch.Tensor]:
+    """A local state dict of the architecture (`--init-weights`: ImageNet weights saved beforehand; nothing is
+    downloaded), without its classifier."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a state dict (a mapping of names to tensors)")
+    return {k: v for k, v in state.items() if not k.startswith(architecture(arch).classifier_prefix)}
+
+
+def load_encoder(model: nn.Module, encoder: dict[str, torch.Tensor], source: Path, arch: str) -> None:
+    """Load encoder weights into a classifier or an encoder; only a classifier may be left out."""
+    head = architecture(arch).classifier_prefix
+    try:
+        missing, unexpected = model.load_state_dict(encoder, strict=False)
+    except RuntimeError as error:
+        raise CheckpointError(f"{source} does not fit the model: {str(error).splitlines()[1].strip()}") from None
+    if unexpected or any(not k.startswith(head) for k in missing):
+        raise CheckpointError(f"{source} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def start_encoders_from(model: nn.Module, weights: dict[str, torch.Tensor], source: Path, arch: str) -> None:
+    """Load `weights` into every encoder inside a method's network (MoCo's query and key encoders, BYOL's
+    online and target ones), so that they start equal, from those weights."""
+    encoders = [m for m in model.modules() if getattr(m, "is_mirl_encoder", False)]
+    for encoder in encoders:
+        load_encoder(encoder, weights, source, arch)
+
+
 # layers whose output is random in train mode; only BatchNorm's train mode is wanted in MoCo's key encoder
-STOCHASTIC_LAYERS = (nn.Dropout, nn.Dropout2d, torchvision.ops.StochasticDepth)
+STOCHASTIC_LAYERS = (nn.Dropout, nn.Dropout2d, torchvision.ops.StochasticDepth, timm.layers.DropPath)
+
 
 def projection_head(kind: str, in_dim: int, out_dim: int = 128) -> nn.Module:
     """MoCo v1's linear layer, MoCo v2's 2-layer MLP, or SimCLR's MLP with BatchNorm."""

@@ -21,7 +21,7 @@ from mirl.edge import guarded
 from mirl.errors import CheckpointError
 from mirl.flags import OneLineParser
 from mirl.imaging import BRAIN_WINDOW, SOFT_TISSUE_WINDOW, SUBDURAL_WINDOW
-from mirl.models import ENCODERS, build_encoder
+from mirl.models import architecture, build_encoder, known_architecture
 from mirl.run_files import atomic_write_text, prepare_output_dir
 
 # How each dataset's reader turns a file into an H x W x 3 uint8 image.
@@ -43,9 +43,9 @@ def encoder_from_checkpoint(path: Path) -> tuple[torch.nn.Module, dict]:
     classifier) and the checkpoint's other fields."""
     checkpoint = load_checkpoint(path)
     arch = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
-    if not isinstance(arch, str) or arch not in ENCODERS:
+    if not known_architecture(arch):
         raise CheckpointError(f"{path} is not a MIRL checkpoint with a known architecture")
-    head = ENCODERS[arch].classifier_prefix
+    head = architecture(arch).classifier_prefix
     encoder, _ = build_encoder(arch)
     with reading_state(path):
         weights = checkpoint.get("encoder") or {k: v for k, v in checkpoint.get("model", {}).items()

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mirl.distributed import gather_no_grad, is_distributed, rank, shuffle_across_ranks, unshuffle_across_ranks
-from mirl.encoders import STOCHASTIC_LAYERS, build_encoder, projection_head
+from mirl.encoders import STOCHASTIC_LAYERS, batchnorm_variants, build_encoder, projection_head
 from mirl.errors import InputError
 from mirl.flags import positive_float, positive_int
 from mirl.method_spec import MethodSpec, Options
@@ -78,8 +78,10 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     follow the mean of the groups' statistics, as each GPU's would follow its own share.
     """
 
-    def __init__(self, num_features: int, splits: int) -> None:
-        super().__init__(num_features)
+    mirl_batchnorm = True  # one of MIRL's own: not a variant that `batchnorm_variants` warns of
+
+    def __init__(self, num_features: int, splits: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
         self.splits = splits
 
     def groups_for(self, batch: int, values_per_image: int) -> int:
@@ -96,6 +98,26 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         self.num_batches_tracked.add_(1)
         return _GroupBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, groups,
                                      self.momentum, self.eps)
+
+
+
+def split_batchnorm(encoder: nn.Module, splits: int, arch: str) -> nn.Module:
+    """`encoder` with every BatchNorm2d replaced by a SplitBatchNorm2d of `splits` groups with the same settings.
+    An encoder without BatchNorm (ConvNeXt's LayerNorm) is returned as it is: it mixes nothing across the
+    batch, so a key cannot cheat through it; one with BatchNorm variants MIRL cannot split is refused."""
+    variants = batchnorm_variants(encoder)
+    if variants:
+        raise InputError(f"--arch {arch} normalises with {', '.join(variants)}, which MoCo's split-batch BatchNorm "
+                         "cannot replace without changing the network: use --bn-splits 1 (no shuffle-BN stand-in) "
+                         "or train under torchrun (shuffle-BN across processes)")
+    for name, child in encoder.named_children():
+        if type(child) is nn.BatchNorm2d:
+            split = SplitBatchNorm2d(child.num_features, splits, eps=child.eps, momentum=child.momentum)
+            split.load_state_dict(child.state_dict())
+            setattr(encoder, name, split)
+        else:
+            split_batchnorm(child, splits, arch)
+    return encoder
 
 
 class MomentumQueue(nn.Module):
@@ -241,9 +263,11 @@ class MoCo(nn.Module):
         self.temperature = temperature
         # under DDP the batch is shuffled across GPUs; on one device BN groups stand in for them
         splits = 1 if is_distributed() else bn_splits
-        norm = (lambda n: SplitBatchNorm2d(n, splits)) if splits > 1 else None
-        self.encoder_q, feature_dim = build_encoder(arch, norm)
-        self.encoder_k, _ = build_encoder(arch, norm)
+        self.encoder_q, feature_dim = build_encoder(arch)
+        self.encoder_k, _ = build_encoder(arch)
+        if splits > 1:
+            self.encoder_q = split_batchnorm(self.encoder_q, splits, arch)
+            self.encoder_k = split_batchnorm(self.encoder_k, splits, arch)
         self.head_q = projection_head(head, feature_dim, dim)
         self.head_k = projection_head(head, feature_dim, dim)
         self.queue = MomentumQueue(dim, queue_size, label_dim)

@@ -17,6 +17,7 @@ from mirl.cache import open_cache
 from mirl.checkpoints import CHECKPOINT_NAME, check_same_run, reading_state
 from mirl.config import PretrainConfig
 from mirl.datasets import DatasetDescription, DecodedImages, ImageDataset, ImageRecord
+from mirl.encoders import architecture, local_weights, start_encoders_from
 from mirl.errors import InputError
 from mirl.loaders import make_loader
 from mirl.models import METHODS, MethodSpec
@@ -109,6 +110,7 @@ def settled_config(method: MethodSpec, config: PretrainConfig, resumed: dict | N
     """The run as it will train: the architecture (a resumed state's when none is asked for), epochs,
     optimizer and learning rate (the method's where none is given) and the method's options completed."""
     arch = config.arch or (resumed.get("arch") if resumed is not None else None) or "resnet50"
+    architecture(arch)  # one MIRL can build, or an input error now, before the data is listed
     return replace(config, arch=arch, epochs=config.epochs or method.epochs,
                    optimizer=config.optimizer or method.optimizer, lr=learning_rate(method, config),
                    options=method.options(config.options))
@@ -144,6 +146,8 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     if resumed is not None:  # before listing the data: a state of another run is refused at once
         check_same_run(resumed, identity, resume_from)
     precision = resolve_precision(run.precision, device)
+    # read before listing the data, so a bad file stops the run at once; a resumed run has its own weights
+    initial = local_weights(run.init_weights, run.arch) if run.init_weights is not None and resumed is None else None
     records, monitor_sets, held_out = pretraining_records(description, run)
     settled = method.prepare(run.options, len(records))  # what follows from the number of images (MoCo's K)
     run = replace(run, options={**run.options, **settled})
@@ -159,6 +163,8 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     total_steps = run.epochs * len(loader)
     model = prepare_network(method.build(run.arch, run.options, queue_label_dim, total_steps), device,
                             run.channels_last, run.compile)
+    if initial is not None:
+        start_encoders_from(model, initial, run.init_weights, run.arch)
     core = model
     if resumed is not None:
         with reading_state(resume_from):
@@ -205,7 +211,7 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
                 "supervised_fraction": identity["supervised_fraction"],
                 # what the encoder was pretrained on, so downstream runs on other data or splits are refused
                 "data": {"root": str(run.data_root), "labels": str(run.labels) if run.labels else None,
-                         "test_split": held_out},
+                         "test_split": held_out, "init_weights": str(run.init_weights) if run.init_weights else None},
                 "encoder": core.feature_encoder().state_dict(), "model": core.state_dict(),
                 "monitor": latest["monitor"], "config": {k: str(v) for k, v in record.items()}}
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterable, TypeVar
 
 try:
     import fcntl
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torchvision
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from mirl.checkpoints import CheckpointStore, resume_state, writing
 from mirl.distributed import is_main_process
@@ -38,6 +39,7 @@ def open_run(output_dir: Path, keep: int, publish: bool,
     return store, resume_from, resumed
 
 
+T = TypeVar("T")
 PROBE_BYTES = 2 ** 20
 
 
@@ -136,6 +138,12 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def progress(iterable: Iterable[T], **options: object) -> Iterable[T]:
+    """A progress bar over `iterable`, drawn only by the main process and only when stderr is a terminal:
+    a log file gets no cursor escapes."""
+    return tqdm(iterable, disable=not (is_main_process() and sys.stderr.isatty()), **options)
 
 
 PROJECT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,6 @@ import torch.nn as nn
 
 from mirl.distributed import local_rank, rank
 from mirl.errors import InputError
-from mirl.models import ENCODER_CLASSES
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -52,7 +51,7 @@ def prepare_network(model: nn.Module, device: torch.device, channels_last: bool,
     model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
     if compile_encoders:
         for module in model.modules():
-            if isinstance(module, ENCODER_CLASSES):
+            if getattr(module, "is_mirl_encoder", False):
                 module.compile()
     return model
 

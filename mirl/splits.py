@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from mirl.datasets import DATASETS, DatasetDescription, ImageRecord
 from mirl.errors import DataError, InputError
-from mirl.run_files import atomic_write_text, prove_writable
+from mirl.run_files import atomic_write_text, progress, prove_writable
 
 FRACTIONS = (100, 50, 20, 10, 5, 1)
 TEST_PROPORTION = 0.2
@@ -118,7 +117,7 @@ def make_splits(description: DatasetDescription, records: list[ImageRecord], spl
     The split is deterministic and each file is replaced atomically, so several torchrun processes that
     all find the files missing write the same bytes and none of them can read a half-written file."""
     prove_writable(split_dir, "--split-dir")  # before reading every file's patient
-    groups = [description.patient_group(r) for r in tqdm(records, desc="reading patients for splits", unit="img")]
+    groups = [description.patient_group(r) for r in progress(records, desc="reading patients for splits", unit="img")]
     nameless = sum(group is None for group in groups)
     if nameless:
         print(f"warning: {nameless} of {len(records)} images name no patient (no PatientID, StudyInstanceUID or "

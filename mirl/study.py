@@ -28,9 +28,10 @@ from mirl.config import DownstreamConfig, PretrainConfig, RunConfig
 from mirl.datasets import DATASETS, DatasetDescription
 from mirl.downstream import downstream
 from mirl.edge import StudyStopped, guarded
+from mirl.encoders import architecture_name
 from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_int
 from mirl.metrics import primary_metric, reported_metrics
-from mirl.models import ENCODERS, METHODS
+from mirl.models import METHODS
 from mirl.pretrain import pretrain
 from mirl.splits import FRACTIONS
 
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-seeds", action="store_true",
                         help="pretrain once per seed too, so the intervals over seeds include pretraining's "
                              "variance (default: one pretraining per method, seeded by the first seed)")
-    parser.add_argument("--arch", choices=sorted(ENCODERS), default="resnet50")
+    parser.add_argument("--arch", type=architecture_name, default="resnet50",
+                        help="resnet18, resnet50, efficientnet_b0..b3, or a timm model as timm:NAME")
     parser.add_argument("--image-size", type=image_size, default=224)
     parser.add_argument("--epochs", type=positive_int, default=None, help="pretraining epochs (method default)")
     parser.add_argument("--downstream-epochs", type=positive_int, default=None, help="default: the scripts'")

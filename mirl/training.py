@@ -16,14 +16,13 @@ from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from mirl.checkpoints import CheckpointStore, random_state, restore_random_state
 from mirl.datasets import ImageDataset
 from mirl.distributed import any_rank, gather_objects, is_main_process, rank
 from mirl.errors import DataError
 from mirl.loaders import EpochSampler, readable_batch
-from mirl.run_files import RunLog, atomic_write_text, csv_field, readable_text
+from mirl.run_files import RunLog, atomic_write_text, csv_field, progress, readable_text
 
 
 class TrainingStep:
@@ -148,19 +147,17 @@ class Trainer:
         Progress bars are drawn when stderr is a terminal; when stdout is not one (a log file, a cluster
         job), each epoch also ends with one plain line there instead of cursor escapes."""
         batch_size = self.loader.batch_size
-        bars = is_main_process() and sys.stderr.isatty()
         lines = is_main_process() and not sys.stdout.isatty()
         log.step = self.step.steps
-        epoch_bar = tqdm(range(self.epoch, epochs), desc="epochs", unit="epoch", initial=self.epoch, total=epochs,
-                         disable=not bars)
+        epoch_bar = progress(range(self.epoch, epochs), desc="epochs", unit="epoch", initial=self.epoch, total=epochs)
         with StopSignals() as stop:
             for epoch in epoch_bar:
                 self.epoch = epoch
                 self.sampler.start(epoch, self.batch * batch_size)
                 train_mode()
                 readable, losses, began = 0, [], time.monotonic()
-                batch_bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
-                                 initial=self.batch, total=self.batch + len(self.loader), disable=not bars)
+                batch_bar = progress(self.loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                                     initial=self.batch, total=self.batch + len(self.loader))
                 for position, (images, labels, ok) in enumerate(batch_bar):
                     self.batch += 1
                     readable += int(ok.sum())

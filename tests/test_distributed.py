@@ -113,7 +113,8 @@ def test_scripts_run_under_torchrun_and_only_rank_0_writes(rsna_root, tmp_path):
 
 def torchrun(folder: str, script: str, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           script, *map(str, args)], cwd=script_folder(folder), capture_output=True, text=True, timeout=600)
+                           script, *map(str, args)], cwd=script_folder(folder), capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_each_rank_uses_its_own_gpu_before_the_process_group_starts(monkeypatch):

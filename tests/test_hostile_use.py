@@ -75,8 +75,8 @@ def test_sigterm_to_the_whole_process_group_saves_the_state(rsna_root, tmp_path)
     out = tmp_path / "run"
     command = [sys.executable, "trainMoCoV2.py", "--data-root", str(rsna_root), "--split-dir", str(tmp_path / "s"),
                "--output-dir", str(out), *TINY, "--epochs", "50", "--workers", "2", "--knn-images", "0"]
-    process = subprocess.Popen(command, cwd=script_folder("RSNA_MoCo"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(command, cwd=script_folder("RSNA_MoCo"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     while not list((out / "checkpoints").glob("state-*.pth")):  # training is under way, workers running
         assert process.poll() is None, process.stderr.read()[-2000:]

@@ -45,8 +45,8 @@ def killed_then_resumed(script: str, args: list, out: Path, kill_at: str, sig: i
     """Start `script`, send `sig` as soon as the state `kill_at` exists, then rerun with --resume auto;
     returns the resumed run's stderr."""
     command = [sys.executable, script, *map(str, args), "--output-dir", str(out)]
-    process = subprocess.Popen(command, cwd=script_folder("RSNA_MoCo"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(command, cwd=script_folder("RSNA_MoCo"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (out / "checkpoints" / kill_at).exists():
         assert process.poll() is None, process.stderr.read()[-2000:]
