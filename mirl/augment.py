@@ -131,25 +131,30 @@ class BatchAugment(torch.nn.Module):
         return affine_crop(x, width, height, centre_x, centre_y, self.output_size, flip, angle)
 
     def _jitter(self, x: torch.Tensor) -> torch.Tensor:
-        """Brightness, contrast, saturation and hue, each with its own factor per image."""
+        """torchvision's ColorJitter per image: brightness, contrast, saturation and hue (in HSV), each with
+        its own factor per image, clamped to [0, 1] after each step, in a random order (drawn per batch,
+        as kornia does; torchvision draws it per image)."""
         r, n, device = self.recipe, x.shape[0], x.device
         if r.jitter_p <= 0:
             return x
         apply = self._chance(n, r.jitter_p, device).view(n, 1, 1, 1)
-        out = x
+
+        def factor(strength: float) -> torch.Tensor:
+            return self._uniform(n, 1 - strength, 1 + strength, device).view(n, 1, 1, 1)
+
+        steps = []
         if r.brightness > 0:
-            out = out * self._uniform(n, 1 - r.brightness, 1 + r.brightness, device).view(n, 1, 1, 1)
+            steps.append(lambda y, f=factor(r.brightness): y * f)
         if r.contrast > 0:
-            mean = luminance(out).mean(dim=(1, 2, 3), keepdim=True)
-            factor = self._uniform(n, 1 - r.contrast, 1 + r.contrast, device).view(n, 1, 1, 1)
-            out = (out - mean) * factor + mean
+            steps.append(lambda y, f=factor(r.contrast): blend(y, luminance(y).mean(dim=(1, 2, 3), keepdim=True), f))
         if r.saturation > 0:
-            grey = luminance(out)
-            factor = self._uniform(n, 1 - r.saturation, 1 + r.saturation, device).view(n, 1, 1, 1)
-            out = (out - grey) * factor + grey
+            steps.append(lambda y, f=factor(r.saturation): blend(y, luminance(y), f))
         if r.hue > 0:
-            out = rotate_hue(out, self._uniform(n, -r.hue, r.hue, device))
-        return torch.where(apply, out.clamp(0.0, 1.0), x)
+            steps.append(lambda y, shift=self._uniform(n, -r.hue, r.hue, device): adjust_hue(y, shift))
+        out = x
+        for step in torch.randperm(len(steps)).tolist():
+            out = steps[step](out).clamp(0.0, 1.0)
+        return torch.where(apply, out, x)
 
     def _grayscale(self, x: torch.Tensor) -> torch.Tensor:
         if self.recipe.grayscale_p <= 0:
@@ -233,18 +238,43 @@ def evaluation_view(images: torch.Tensor, output_size: int) -> torch.Tensor:
 
 
 def luminance(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma of an RGB batch, B x 1 x H x W."""
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    """The grey level of an RGB batch as torchvision computes it, B x 1 x H x W."""
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
-def rotate_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Shift hue by `shift` turns per image: a rotation of the chroma plane in YIQ space."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          device=x.device, dtype=x.dtype)
-    angle = shift * 2 * math.pi
-    cos, sin = angle.cos(), angle.sin()
-    one, zero = torch.ones_like(cos), torch.zeros_like(cos)
-    rotation = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
-                            torch.stack([zero, sin, cos], 1)], 1)
-    matrix = torch.linalg.inv(to_yiq) @ rotation @ to_yiq
-    return torch.einsum("nij,njhw->nihw", matrix, x)
+def blend(x: torch.Tensor, towards: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """`factor` x `x` + (1 - `factor`) x `towards`: torchvision's contrast and saturation adjustment."""
+    return (x - towards) * factor + towards
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """An RGB batch in [0, 1] to hue (in turns), saturation and value, B x 3 x H x W."""
+    r, g, b = x.unbind(1)
+    value, low = x.amax(dim=1), x.amin(dim=1)
+    spread = value - low
+    grey = spread == 0
+    saturation = spread / torch.where(grey, torch.ones_like(value), value)
+    spread = torch.where(grey, torch.ones_like(spread), spread)
+    # the hue sector: red, green or blue is the largest channel, the other two place it within the sector
+    hue = torch.where(value == r, (g - b) / spread,
+                      torch.where(value == g, 2.0 + (b - r) / spread, 4.0 + (r - g) / spread))
+    hue = torch.where(grey, torch.zeros_like(hue), hue)
+    return torch.stack([(hue / 6.0) % 1.0, saturation, value], dim=1)
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """Hue (turns), saturation and value, B x 3 x H x W, back to RGB in [0, 1]."""
+    hue, saturation, value = hsv.unbind(1)
+    # each channel is the same piecewise-linear function of the hue, a third of a turn apart (R, G, B)
+    channels = []
+    for offset in (5.0, 3.0, 1.0):
+        position = (offset + hue * 6.0) % 6.0
+        channels.append(value - value * saturation * torch.minimum(position, 4.0 - position).clamp(0.0, 1.0))
+    return torch.stack(channels, dim=1).clamp(0.0, 1.0)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of each image of an RGB batch by `shift` turns (per image), in HSV as torchvision does."""
+    hsv = rgb_to_hsv(x)
+    hue = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
+    return hsv_to_rgb(torch.stack([hue, hsv[:, 1], hsv[:, 2]], dim=1))

@@ -76,3 +76,31 @@ def test_the_grey_recipes_keep_crops_and_drop_colour():
         grey, paper = recipe_for(method, "grey"), recipe_for(method, "paper")
         assert grey.crop_scale == paper.crop_scale and grey.saturation == grey.hue == grey.grayscale_p == 0
         assert grey.rotation_degrees == 10.0
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]])
+def test_colour_jitter_is_torchvisions_per_image_in_the_drawn_order(order, monkeypatch):
+    """The jitter equals torchvision's functional brightness, contrast, saturation and hue (HSV) adjustments
+    applied to each image with its own factors, in the order drawn for the batch."""
+    import torchvision.transforms.functional as TF
+    recipe = AugmentRecipe(jitter_p=1.0, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
+    jitter = BatchAugment(recipe, 16)
+    x = images(n=4, side=16, seed=3).float() / 255
+    draws = iter([torch.tensor(v) for v in ([0.7, 1.3, 1.0, 0.9], [1.2, 0.8, 0.6, 1.4], [1.1, 0.9, 0.7, 1.3],
+                                            [0.05, -0.1, 0.02, 0.0])])
+    monkeypatch.setattr(BatchAugment, "_uniform", lambda self, n, low, high, device: next(draws))
+    monkeypatch.setattr(torch, "randperm", lambda n: torch.tensor(order))
+    ours = jitter._jitter(x)
+    factors = ([0.7, 1.3, 1.0, 0.9], [1.2, 0.8, 0.6, 1.4], [1.1, 0.9, 0.7, 1.3], [0.05, -0.1, 0.02, 0.0])
+    steps = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for i in range(4):
+        expected = x[i]
+        for step in order:
+            expected = steps[step](expected, factors[step][i])
+        torch.testing.assert_close(ours[i], expected, rtol=0, atol=1e-5)
+
+
+def test_a_hue_shift_of_half_a_turn_turns_red_into_cyan():
+    red = torch.zeros(1, 3, 2, 2)
+    red[:, 0] = 1.0
+    torch.testing.assert_close(augment.adjust_hue(red, torch.tensor([0.5]))[0, :, 0, 0], torch.tensor([0.0, 1.0, 1.0]))

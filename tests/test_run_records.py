@@ -74,7 +74,7 @@ def test_own_data_runs_apart_and_a_checkpoint_of_other_data_is_refused(isic_root
         assert run_entry(capsys, "ISIC", "trainMoCoV2.py", "--data-root", data, *TINY, "--knn-images", "0",
                          "--batch-size", "8").returncode == 0
     runs = script_folder("ISIC") / "runs"
-    assert {p.parent.name for p in runs.glob("*/mocov2/checkpoint.pth")} == {
+    assert {p.parent.parent.name for p in runs.glob("*/mocov2/checkpoint.pth")} == {
         data_folder_name(script_folder("ISIC"), d, None) for d in (isic_root, other)}
     sample_checkpoint = runs / data_folder_name(script_folder("ISIC"), isic_root, None) / "mocov2" / "checkpoint.pth"
     refused = run_entry(capsys, "ISIC", "MoCov2_downstream.py", "--data-root", other, "--pretrained",
