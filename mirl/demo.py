@@ -2,8 +2,9 @@
 100 % and at a low fraction of the labels train the frozen linear probe, the fine-tuned network and the
 supervised baseline, and print them side by side with one line saying what the numbers show.
 
-`python -m mirl.demo` takes about 10 minutes on 2 CPU cores; every stage runs through the same entry
-points as the RSNA_MoCo scripts, and everything lands in `--out` (default `mirl-demo/`).
+`python -m mirl.demo` takes about 10 minutes on 2 CPU cores; every stage is a run config handed to the
+same `pretrain` and `downstream` the RSNA_MoCo scripts call, and everything lands in `--out` (default
+`mirl-demo/`).
 """
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ import sys
 import time
 from pathlib import Path
 
-from mirl.cli import downstream_script, pretrain_script
+from mirl.config import DownstreamConfig, PretrainConfig
+from mirl.datasets import RSNA
+from mirl.downstream import downstream
+from mirl.edge import guarded
+from mirl.pretrain import pretrain
 from mirl.sample_data import write_rsna
 
-RUNS = (("MoCo v2, frozen encoder + linear head", ["--frozen"], "mocov2_frozen"),
-        ("MoCo v2, fine-tuned", [], "mocov2_finetune"),
-        ("Supervised ResNet-18, random init", ["--resnet"], "resnet"))
+RUNS = (("MoCo v2, frozen encoder + linear head", {"frozen": True}, "mocov2_frozen"),
+        ("MoCo v2, fine-tuned", {}, "mocov2_finetune"),
+        ("Supervised ResNet-18, random init", {"resnet": True}, "resnet"))
 
 
 def test_metrics(out: Path, name: str, fraction: int) -> dict:
@@ -76,22 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "stage_2_train.csv").is_file():
         print(f"[1/3] writing {args.patients} sample CT studies to {data}")
         write_rsna(data, patients=args.patients, size=128, workers=max(1, args.workers))
-    # --resume auto: a demo started again continues where it stopped and retrains nothing it finished
-    size = ["--arch", "resnet18", "--image-size", str(args.image_size), "--workers", str(args.workers),
-            "--data-root", str(data), "--split-dir", str(splits), "--resume", "auto"]
+    # resume "auto": a demo started again continues where it stopped and retrains nothing it finished
+    shared = dict(arch="resnet18", image_size=args.image_size, workers=args.workers, data_root=data, split_dir=splits,
+                  resume="auto")
     print("[2/3] MoCo v2 pretraining")
-    status = pretrain_script("rsna", "mocov2", __file__, [
-        *size, "--output-dir", str(runs / "mocov2"), "--epochs", str(args.pretrain_epochs), "--batch-size", "64",
-        "--lr", "0.1"])
+    status = guarded(lambda: pretrain(RSNA, PretrainConfig(method="mocov2", output_dir=runs / "mocov2",
+                                                           epochs=args.pretrain_epochs, batch_size=64, lr=0.1,
+                                                           **shared)))
     if status:
         return status
     print("[3/3] downstream at each label fraction: frozen linear probe, fine-tuning, supervised baseline")
     for fraction in args.fractions:
-        epochs = ["--epochs", str(args.downstream_epochs)] if fraction == 100 else []
         for _, mode, name in RUNS:
-            status = downstream_script("rsna", "mocov2", __file__, [
-                *size, *mode, "--pretrained", str(runs / "mocov2" / "checkpoint.pth"), "--fraction", str(fraction),
-                "--output-dir", str(runs / f"{name}_{fraction}F"), *epochs, "--batch-size", "32"])
+            config = DownstreamConfig(method="mocov2", pretrained=runs / "mocov2" / "checkpoint.pth",
+                                      fraction=fraction, output_dir=runs / f"{name}_{fraction}F", batch_size=32,
+                                      epochs=args.downstream_epochs if fraction == 100 else None, **mode, **shared)
+            status = guarded(lambda: downstream(RSNA, config))
             if status:
                 return status
     table = results_table(args.out, args.fractions)

@@ -71,8 +71,8 @@ def test_a_timm_encoder_pretrains_and_probes_end_to_end_from_local_weights(rsna_
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(tmp_path / "p" / "checkpoint.pth", weights_only=True)
     assert checkpoint["arch"] == "timm:convnext_atto" and checkpoint["data"]["init_weights"] == str(weights)
-    result = run_script("RSNA_MoCo", "MoCov2_downstream.py", *common, "--frozen", "--pretrained",
-                        tmp_path / "p" / "checkpoint.pth", "--output-dir", tmp_path / "d")
+    result = run_script("RSNA_MoCo", "MoCov2_downstream.py", *common, "--arch", "timm:convnext_atto", "--frozen",
+                        "--pretrained", tmp_path / "p" / "checkpoint.pth", "--output-dir", tmp_path / "d")
     assert result.returncode == 0, result.stderr
     classifier = timm.create_model("convnext_atto", pretrained=False, num_classes=6)
     classifier.load_state_dict(torch.load(tmp_path / "d" / "checkpoint.pth", weights_only=True)["model"])
