@@ -53,7 +53,6 @@ from mirl.datasets import DATASETS, ImageDataset, ImageRecord, decode_record
 from mirl.edge import guarded
 from mirl.flags import OneLineParser, batch_size, image_size, positive_int
 from mirl.loaders import make_loader
-from mirl.moco import MAX_QUEUE
 from mirl.models import METHODS, MoCo
 from mirl.pretrain import build_optimizer
 from mirl.runtime import precision_name, prepare_network, resolve_device, resolve_precision
@@ -127,7 +126,7 @@ def pretraining_model(method: str, arch: str, reference: bool, total_steps: int 
     """The method's network with its default options and, for the queue methods, the paper's K; for the
     papers' recipe, MoCo with the reference's per-parameter momentum loop."""
     spec = METHODS[method]
-    model = spec.build(arch, spec.options({"queue_size": MAX_QUEUE} if spec.queue else {}), 0, total_steps)
+    model = spec.build(arch, spec.options(spec.paper_options), 0, total_steps)
     if reference and isinstance(model, MoCo):
         model.momentum_update = partial(loop_momentum_update, model)
     return model

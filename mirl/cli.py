@@ -95,12 +95,6 @@ def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.Argumen
     parser.add_argument("--knn-images", type=non_negative_int, default=PretrainConfig.knn_images,
                         help="labelled train images in the kNN monitor's bank (half as many val queries); 0: off")
     spec.add_flags(parser)
-    if spec.queue:
-        parser.add_argument("--supervised", action="store_true",
-                            help="label-aware MoCo: images of the --fraction split that share a label are positives "
-                                 "too (supervised contrastive loss over the queue); the other images stay unlabelled")
-        parser.add_argument("--fraction", type=int, choices=FRACTIONS, default=100,
-                            help="with --supervised: percent of training labels used (its split file)")
     return parser
 
 

@@ -7,11 +7,12 @@ module needs to know which method it is.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Mapping
 
 import torch.nn as nn
 
+from mirl.config import PretrainConfig
 from mirl.errors import InputError
 
 Options = Mapping[str, object]  # a method's own flags by argparse name, e.g. {"temperature": 0.2}
@@ -48,13 +49,18 @@ class MethodSpec:
     build: Callable[[str, Options, int, int], nn.Module]
     add_flags: Callable[[argparse.ArgumentParser], None] = no_flags
     prepare: Callable[[Options, int], dict[str, object]] = field(default=no_preparation)
-    queue: bool = False  # keeps a queue of negatives (takes --queue-size, and --supervised for label-aware training)
+    # trains on the labels of a fraction's split too when a run asks (`--supervised`, its flags added by add_flags)
+    label_aware: bool = False
+    # what a paper-scale run sets where the data would otherwise settle it (MoCo's K = 65,536): the benchmark's
+    paper_options: Options = field(default_factory=dict)
 
     def option_defaults(self) -> dict[str, object]:
-        """The method's own options at their defaults, as its flags declare them."""
+        """The method's own options at their defaults, as its flags declare them (flags that set a field of
+        the run config, such as `--supervised`, are the config's, not options)."""
         parser = argparse.ArgumentParser(add_help=False)
         self.add_flags(parser)
-        return vars(parser.parse_args([]))
+        run_fields = {f.name for f in fields(PretrainConfig)}
+        return {k: v for k, v in vars(parser.parse_args([])).items() if k not in run_fields}
 
     def options(self, given: Options) -> dict[str, object]:
         """`given` completed with the defaults; an option the method does not have is an input error."""

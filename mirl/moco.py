@@ -17,6 +17,7 @@ from mirl.encoders import STOCHASTIC_LAYERS, batchnorm_variants, build_encoder, 
 from mirl.errors import InputError
 from mirl.flags import positive_float, positive_int
 from mirl.method_spec import MethodSpec, Options
+from mirl.splits import FRACTIONS
 
 MIN_VALUES_PER_GROUP = 16
 
@@ -362,6 +363,11 @@ def moco_flags(parser: argparse.ArgumentParser, temperature: float) -> None:
     parser.add_argument("--moco-momentum", type=float, default=0.999, help="key encoder momentum m")
     parser.add_argument("--bn-splits", type=positive_int, default=8,
                         help="BatchNorm groups standing in for shuffle-BN on one device")
+    parser.add_argument("--supervised", action="store_true",
+                        help="label-aware MoCo: images of the --fraction split that share a label are positives "
+                             "too (supervised contrastive loss over the queue); the other images stay unlabelled")
+    parser.add_argument("--fraction", type=int, choices=FRACTIONS, default=100,
+                        help="with --supervised: percent of training labels used (its split file)")
 
 
 def settle_queue_size(options: Options, images: int) -> dict[str, object]:
@@ -377,8 +383,9 @@ def build_moco(head: str, arch: str, options: Options, label_dim: int, total_ste
 MOCO_METHOD = MethodSpec("moco", "MoCo", "trainMoCo.py", schedule="step", optimizer="sgd", lr_per_256=0.03,
                          weight_decay=1e-4, warmup_epochs=0, epochs=200, recipes=("moco", "moco"),
                          build=partial(build_moco, "linear"), add_flags=partial(moco_flags, temperature=0.07),
-                         prepare=settle_queue_size, queue=True)
+                         prepare=settle_queue_size, label_aware=True, paper_options={"queue_size": MAX_QUEUE})
 MOCOV2_METHOD = MethodSpec("mocov2", "MoCo v2", "trainMoCoV2.py", schedule="cosine", optimizer="sgd",
                            lr_per_256=0.03, weight_decay=1e-4, warmup_epochs=0, epochs=200,
                            recipes=("mocov2", "mocov2"), build=partial(build_moco, "mlp"),
-                           add_flags=partial(moco_flags, temperature=0.2), prepare=settle_queue_size, queue=True)
+                           add_flags=partial(moco_flags, temperature=0.2), prepare=settle_queue_size,
+                           label_aware=True, paper_options={"queue_size": MAX_QUEUE})

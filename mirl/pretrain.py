@@ -109,6 +109,9 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float)
 def settled_config(method: MethodSpec, config: PretrainConfig, resumed: dict | None) -> PretrainConfig:
     """The run as it will train: the architecture (a resumed state's when none is asked for), epochs,
     optimizer and learning rate (the method's where none is given) and the method's options completed."""
+    if config.supervised and not method.label_aware:
+        raise InputError(f"{method.title} has no label-aware form; --supervised exists for "
+                         f"{', '.join(spec.title for spec in METHODS.values() if spec.label_aware)}")
     arch = config.arch or (resumed.get("arch") if resumed is not None else None) or "resnet50"
     architecture(arch)  # one MIRL can build, or an input error now, before the data is listed
     return replace(config, arch=arch, epochs=config.epochs or method.epochs,

@@ -292,7 +292,8 @@ def run_study(args: argparse.Namespace) -> None:
         if pretrained_epochs(checkpoint) >= wanted:
             print(f"reusing {checkpoint}")
             continue
-        queue = {"queue_size": args.queue_size} if args.queue_size and METHODS[variant.method].queue else {}
+        spec = METHODS[variant.method]
+        queue = {"queue_size": args.queue_size} if args.queue_size and "queue_size" in spec.option_defaults() else {}
         config = PretrainConfig(method=variant.method, output_dir=checkpoint.parent, batch_size=args.batch_size,
                                 arch=variant.arch or args.arch, epochs=wanted,
                                 seed=args.seeds[0] if seed is None else seed,
