@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     def build() -> None:
         description = DATASETS[args.dataset]
         description.check_root(args.data_root)
-        cache = open_cache(description, args.data_root.resolve(), args.image_size, args.cache, args.workers)
+        cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers)
         unreadable = int((~cache.readable).sum())
         print(f"{cache.folder}: {len(cache.readable)} images, {unreadable} unreadable")
     return guarded(build)

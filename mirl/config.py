@@ -78,7 +78,8 @@ class RunConfig:
 class PretrainConfig(RunConfig):
     """A self-supervised pretraining run of `method` (a key of `mirl.models.METHODS`). `options` are the
     method's own flags by argparse name (MoCo's `queue_size`, `temperature`, ...); those left out take the
-    method's defaults. `supervised` (queue methods): label-aware MoCo on the `fraction` split's labels."""
+    method's defaults. `supervised` (methods with a label-aware form: MoCo): trained on the `fraction` split's
+    labels too."""
 
     method: str
     optimizer: str | None = None  # None: the method's (SGD for MoCo, LARS for SimCLR and BYOL)

@@ -180,21 +180,42 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
 
+def is_plain_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm MIRL may swap for another kind holding the same parameters: torch's BatchNorm1d/2d, or one
+    of MIRL's own (marked `mirl_batchnorm`). timm's BatchNormAct2d folds an activation in, so it is not."""
+    return type(module) in (nn.BatchNorm1d, nn.BatchNorm2d) or getattr(type(module), "mirl_batchnorm", False)
+
+
+def batchnorm_variants(model: nn.Module) -> list[str]:
+    """The names of the BatchNorm kinds in `model` that are not plain (`is_plain_batchnorm`): ones MIRL cannot
+    swap for its split-batch or cross-process BatchNorm without changing the network."""
+    return sorted({type(m).__name__ for m in model.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and not is_plain_batchnorm(m)})
+
+
 def convert_to_cross_rank_batchnorm(module: nn.Module) -> nn.Module:
     """Make every BatchNorm in `module` use global-batch statistics: torch's SyncBatchNorm under NCCL,
-    else (gloo on CPUs, or one process) a CrossRankBatchNorm holding the same parameters."""
-    if is_distributed() and dist.get_backend() == "nccl":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    else (gloo on CPUs, or one process) a CrossRankBatchNorm holding the same parameters. Under torchrun a
+    BatchNorm variant that cannot be swapped is refused (on either backend); in one process it is left as it
+    is, since its own batch statistics are then the global batch's."""
+    if is_distributed():
+        variants = batchnorm_variants(module)
+        if variants:
+            raise InputError(f"{', '.join(variants)} cannot be made a cross-process BatchNorm without changing the "
+                             "network; choose an encoder with plain BatchNorm (torchvision's, or timm's ResNets)")
+        if dist.get_backend() == "nccl":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _with_cross_rank_batchnorm(module)
+
+
+def _with_cross_rank_batchnorm(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if type(module) not in (nn.BatchNorm1d, nn.BatchNorm2d, CrossRankBatchNorm):
-            if not is_distributed():
-                return module  # one process: its own batch statistics are the global batch's
-            raise InputError(f"{type(module).__name__} cannot be made a cross-process BatchNorm without changing "
-                             "the network; choose an encoder with plain BatchNorm (torchvision's, or timm's ResNets)")
+        if not is_plain_batchnorm(module):
+            return module
         converted = CrossRankBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                        module.track_running_stats)
         converted.load_state_dict(module.state_dict())
         return converted
     for name, child in module.named_children():
-        module.add_module(name, convert_to_cross_rank_batchnorm(child))
+        module.add_module(name, _with_cross_rank_batchnorm(child))
     return module

@@ -269,7 +269,8 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
                                            seed=run.seed) for s in (val, test))
     total_steps = run.epochs * len(train_loader)
     warmup_steps = 0 if run.frozen else round(FINETUNE_WARMUP * total_steps)
-    scheduler = build_scheduler(optimizer, "step" if run.frozen else "cosine", total_steps, warmup_steps)
+    schedule = "step" if run.frozen else "cosine"
+    scheduler = build_scheduler(optimizer, schedule, total_steps, warmup_steps)
     augment = BatchAugment(RECIPES["linear" if run.frozen else "finetune"], run.image_size)
     evaluate_every = max(1, run.epochs // EVALUATIONS)
     log = RunLog(run.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
@@ -281,7 +282,7 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
               "learning_rates": [group["initial_lr"] for group in optimizer.param_groups],
               "dataset": description.name, "device": str(device), "precision": precision_name(precision),
               "train_images": len(train), "val_images": len(val), "test_images": len(test),
-              "schedule": "step" if run.frozen else "cosine", "resumed_from": resume_from, "software": provenance()}
+              "schedule": schedule, "resumed_from": resume_from, "software": provenance()}
     log.json("config.json", record)
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -305,14 +306,15 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
         per_head = [split_metrics(description, val, truth, probability[:, h], kept)
                     for h in range(probability.shape[1])] if run.frozen \
             else [split_metrics(description, val, truth, probability, kept)]
-        chosen = int(np.argmax([selection_score(m, selection) for m in per_head]))
+        scores = [selection_score(m, selection) for m in per_head]
+        chosen = int(np.argmax(scores))
         metrics = per_head[chosen]
         for name in ("auc_macro", "accuracy", "balanced_accuracy", "patient_accuracy", "weighted_log_loss"):
             if metrics.get(name) is not None:
                 log.scalar(f"val/{name}", metrics[name])
-        if selection_score(metrics, selection) > best["score"]:
+        if scores[chosen] > best["score"]:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best.update(score=selection_score(metrics, selection), epoch=epoch + 1, step=log.step,
+            best.update(score=scores[chosen], epoch=epoch + 1, step=log.step,
                         state=with_chosen_head(state, output_prefix, chosen) if run.frozen else state,
                         lr=probe_lrs[chosen] if run.frozen else optimizer.defaults["lr"])
         return {f"val_{selection}": metrics[selection]}
@@ -335,7 +337,7 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
     trainer.fit(run.epochs, log, end_of_epoch, train_mode)
     if run.frozen:  # back to the plain torchvision classifier, holding the head chosen on validation
         family.replace_output_layer(model, nn.Linear(family.output_layer(model).heads[0].in_features,
-                                                           len(classes)).to(device))
+                                                     len(classes)).to(device))
     model.load_state_dict(best["state"])
     if run.frozen:
         changed = [k for k, v in model.state_dict().items() if not k.startswith(head) and

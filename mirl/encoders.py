@@ -144,16 +144,6 @@ def build_encoder(arch: str) -> tuple[nn.Module, int]:
     return model, feature_dim
 
 
-def batchnorm_variants(model: nn.Module) -> list[str]:
-    """The BatchNorm layers of `model` that are not plain BatchNorm1d/2d (timm's BatchNormAct2d folds an
-    activation in): ones MIRL cannot swap for its split-batch or cross-process BatchNorm without changing
-    the network."""
-    plain = (nn.BatchNorm1d, nn.BatchNorm2d)
-    return sorted({type(m).__name__ for m in model.modules()
-                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in plain
-                   and not getattr(type(m), "mirl_batchnorm", False)})
-
-
 def local_weights(path: Path, arch: str) -> dict[str, torch.Tensor]:
     """A local state dict of the architecture (`--init-weights`: ImageNet weights saved beforehand; nothing is
     downloaded), without its classifier."""

@@ -12,8 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mirl.distributed import gather_no_grad, is_distributed, rank, shuffle_across_ranks, unshuffle_across_ranks
-from mirl.encoders import STOCHASTIC_LAYERS, batchnorm_variants, build_encoder, projection_head
+from mirl.distributed import (
+    batchnorm_variants,
+    gather_no_grad,
+    is_distributed,
+    rank,
+    shuffle_across_ranks,
+    unshuffle_across_ranks,
+)
+from mirl.encoders import STOCHASTIC_LAYERS, build_encoder, projection_head
 from mirl.errors import InputError
 from mirl.flags import positive_float, positive_int
 from mirl.method_spec import MethodSpec, Options
@@ -111,13 +118,12 @@ def split_batchnorm(encoder: nn.Module, splits: int, arch: str) -> nn.Module:
         raise InputError(f"--arch {arch} normalises with {', '.join(variants)}, which MoCo's split-batch BatchNorm "
                          "cannot replace without changing the network: use --bn-splits 1 (no shuffle-BN stand-in) "
                          "or train under torchrun (shuffle-BN across processes)")
-    for name, child in encoder.named_children():
-        if type(child) is nn.BatchNorm2d:
-            split = SplitBatchNorm2d(child.num_features, splits, eps=child.eps, momentum=child.momentum)
-            split.load_state_dict(child.state_dict())
-            setattr(encoder, name, split)
-        else:
-            split_batchnorm(child, splits, arch)
+    for parent in list(encoder.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.BatchNorm2d:
+                split = SplitBatchNorm2d(child.num_features, splits, eps=child.eps, momentum=child.momentum)
+                split.load_state_dict(child.state_dict())
+                setattr(parent, name, split)
     return encoder
 
 
@@ -199,6 +205,11 @@ def infonce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
     positive = (q * k).sum(dim=1, keepdim=True)
     logits = torch.cat([positive, q @ negatives.t()], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device)), logits
+
+
+def own_positions(q: torch.Tensor) -> torch.Tensor:
+    """Where this rank's queries' own keys sit in the batch of keys gathered from all ranks."""
+    return rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
 
 
 def batch_infonce(q: torch.Tensor, batch_keys: torch.Tensor, own: torch.Tensor,
@@ -312,16 +323,14 @@ class MoCo(nn.Module):
         q, k = q.float(), k.float()  # logits and loss in fp32 under autocast
         if labels is not None:
             batch_keys, batch_labels = gather_no_grad(k), gather_no_grad(labels.float())
-            own = rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
             loss = label_aware_infonce(q, batch_keys, self.queue.negatives().float(), labels.float(), batch_labels,
-                                       self.queue.negative_labels(), own, self.temperature)
+                                       self.queue.negative_labels(), own_positions(q), self.temperature)
             self.queue.enqueue(batch_keys, batch_labels)
             return loss, q @ batch_keys.t() / self.temperature
         negatives = self.queue.negatives()
         if len(negatives) == 0:  # the first step: the batch's other keys are the negatives
             batch_keys = gather_no_grad(k)
-            own = rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
-            loss, logits = batch_infonce(q, batch_keys, own, self.temperature)
+            loss, logits = batch_infonce(q, batch_keys, own_positions(q), self.temperature)
             self.queue.enqueue(batch_keys)
             return loss, logits
         loss, logits = infonce(q, k, negatives.float(), self.temperature)

@@ -26,6 +26,8 @@ from mirl.checkpoints import CheckpointStore, resume_state, writing
 from mirl.distributed import is_main_process
 from mirl.errors import OutputError
 
+T = TypeVar("T")
+
 
 def open_run(output_dir: Path, keep: int, publish: bool,
              resume: str | None) -> tuple[CheckpointStore, Path | None, dict | None]:
@@ -39,7 +41,6 @@ def open_run(output_dir: Path, keep: int, publish: bool,
     return store, resume_from, resumed
 
 
-T = TypeVar("T")
 PROBE_BYTES = 2 ** 20
 
 
