@@ -4,9 +4,10 @@ Data-loader workers only decode files into uint8 tensors; the crop, flip, rotati
 jitter and blur of every view happen here in a few batched tensor operations. Each image draws its
 own parameters (a torchvision transform applied to a batch tensor would draw one set for all).
 
-Two families of recipes: the papers' (colour jitter, grayscale, blur, for RGB images) and the CT/MR
-ones (crop, flip, a small rotation and brightness/contrast of the windowed image: hue and saturation
-mean nothing on a grey-scale scan).
+Each method names the papers' recipe of each of its views (`RECIPES`); a modality's recipe family
+(`--augment`, `MODALITY_RECIPES`) turns a paper recipe into one that fits the images: the crops, blur and a
+method's asymmetry between views stay, the intensity and orientation transforms change (hue means nothing
+on a CT window, colour is diagnostic on a dermoscopy photograph, which has no canonical orientation).
 """
 from __future__ import annotations
 
@@ -39,13 +40,18 @@ class AugmentRecipe:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
+    quarter_turns: bool = False  # also turn by 0, 90, 180 or 270 degrees: with the flip, all 8 symmetries of a square
     rotation_degrees: float = 0.0
     jitter_p: float = 0.0
-    brightness: float = 0.0
-    contrast: float = 0.0
+    brightness: float = 0.0  # intensity x U(1 - b, 1 + b)
+    contrast: float = 0.0  # around the image's mean grey level
     saturation: float = 0.0
     hue: float = 0.0
+    level: float = 0.0  # + U(-l, l): a window's level moved by l of its width (CT), an MR intensity offset
+    width: float = 0.0  # around mid-grey x U(1 - w, 1 + w): a window's width changed (CT)
+    gamma: float = 0.0  # intensity ** exp(U(-g, g)) (MR)
     grayscale_p: float = 0.0
+    grayscale_first: bool = False  # fb/moco's v1 turns images grey before the colour jitter, v2 after it
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
@@ -54,7 +60,7 @@ class AugmentRecipe:
 RECIPES: dict[str, AugmentRecipe] = {
     # He et al. 2020, MoCo v1
     "moco": AugmentRecipe(crop_scale=(0.2, 1.0), jitter_p=1.0, brightness=0.4, contrast=0.4, saturation=0.4,
-                          hue=0.4, grayscale_p=0.2),
+                          hue=0.4, grayscale_p=0.2, grayscale_first=True),
     # Chen et al. 2020, MoCo v2: weaker hue, jitter with p 0.8, Gaussian blur
     "mocov2": AugmentRecipe(crop_scale=(0.2, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4,
                             hue=0.1, grayscale_p=0.2, blur_p=0.5),
@@ -74,15 +80,50 @@ RECIPES: dict[str, AugmentRecipe] = {
 }
 
 
-def recipe_for(name: str, style: str) -> AugmentRecipe:
-    """The paper recipe `name`, or (style "grey") its grey-scale form: window-like brightness and contrast
-    and a small rotation in place of colour jitter, grayscale and solarisation (which would invert a
-    window's meaning)."""
-    paper = RECIPES[name]
-    if style == "paper" or name in ("finetune", "linear"):
-        return paper
+def _grey(paper: AugmentRecipe) -> AugmentRecipe:
+    """Any grey-scale image (X-ray; the CT and MR default): brightness and contrast of the image, at most the
+    papers' 0.4, and a rotation of up to 10 degrees in place of hue, saturation, grayscale and solarisation."""
     return replace(paper, saturation=0.0, hue=0.0, grayscale_p=0.0, solarize_p=0.0, rotation_degrees=10.0,
                    brightness=min(paper.brightness, 0.4), contrast=min(paper.contrast, 0.4))
+
+
+def _ct(paper: AugmentRecipe) -> AugmentRecipe:
+    """CT: the meaning is in Hounsfield units, so the jitter moves the window (its level by up to a tenth of
+    its width, its width by up to 20 %) rather than scaling intensities or hue; small rotations."""
+    return replace(_grey(paper), brightness=0.0, contrast=0.0, level=0.1, width=0.2)
+
+
+def _mr(paper: AugmentRecipe) -> AugmentRecipe:
+    """MR: intensities are arbitrary per scanner and sequence: an intensity scale (up to 20 %), an offset and
+    a gamma; small rotations."""
+    return replace(_grey(paper), brightness=0.2, contrast=0.0, level=0.1, gamma=0.3)
+
+
+def _dermoscopy(paper: AugmentRecipe) -> AugmentRecipe:
+    """Dermoscopy: a lesion photographed from above has no up or left, so every flip and quarter turn is
+    another valid view; colour is diagnostic (the blue-white veil, a melanoma's many colours), so the jitter
+    is mild (brightness, contrast and saturation 0.2, hue 0.02 of a turn) and no view turns grey or solarises."""
+    return replace(paper, quarter_turns=True, brightness=min(paper.brightness, 0.2), contrast=min(paper.contrast, 0.2),
+                   saturation=min(paper.saturation, 0.2), hue=min(paper.hue, 0.02), grayscale_p=0.0, solarize_p=0.0)
+
+
+# `--augment NAME`: how a method's paper recipes are adapted to a modality (recorded in config.json)
+MODALITY_RECIPES = {
+    "paper": lambda paper: paper,  # the papers' recipes, tuned on ImageNet photographs
+    "grey": _grey,
+    "ct": _ct,
+    "mr": _mr,
+    "dermoscopy": _dermoscopy,
+}
+
+
+def recipe_for(name: str, style: str) -> AugmentRecipe:
+    """The paper recipe `name` (a key of RECIPES) adapted by the modality family `style` (a key of
+    MODALITY_RECIPES). The downstream recipes (`finetune`, `linear`) are the same for every modality."""
+    paper = RECIPES[name]
+    if name in ("finetune", "linear"):
+        return paper
+    return MODALITY_RECIPES[style](paper)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -105,8 +146,10 @@ class BatchAugment(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().div_(255.0)
         x = self._crop_flip_rotate(x)
-        x = self._jitter(x)
-        x = self._grayscale(x)
+        if self.recipe.grayscale_first:
+            x = self._jitter(self._grayscale(x))
+        else:
+            x = self._grayscale(self._jitter(x))
         x = self._blur(x)
         x = self._solarize(x)
         return normalize(x.clamp_(0.0, 1.0))
@@ -120,14 +163,13 @@ class BatchAugment(torch.nn.Module):
     def _crop_flip_rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Random resized crop, horizontal flip and rotation as one affine resampling per image."""
         r, n, device = self.recipe, x.shape[0], x.device
-        area = self._uniform(n, *r.crop_scale, device)
-        log_ratio = self._uniform(n, math.log(r.crop_ratio[0]), math.log(r.crop_ratio[1]), device)
-        width = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)
-        height = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
+        width, height = random_resized_boxes(n, r.crop_scale, r.crop_ratio, device)
         centre_x = (torch.rand(n, device=device) * 2 - 1) * (1 - width)
         centre_y = (torch.rand(n, device=device) * 2 - 1) * (1 - height)
         flip = torch.where(self._chance(n, r.flip_p, device), -1.0, 1.0)
         angle = self._uniform(n, -r.rotation_degrees, r.rotation_degrees, device) * (math.pi / 180)
+        if r.quarter_turns:
+            angle = angle + torch.randint(0, 4, (n,), device=device) * (math.pi / 2)
         return affine_crop(x, width, height, centre_x, centre_y, self.output_size, flip, angle)
 
     def _jitter(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +193,13 @@ class BatchAugment(torch.nn.Module):
             steps.append(lambda y, f=factor(r.saturation): blend(y, luminance(y), f))
         if r.hue > 0:
             steps.append(lambda y, shift=self._uniform(n, -r.hue, r.hue, device): adjust_hue(y, shift))
+        if r.level > 0:
+            steps.append(lambda y, shift=self._uniform(n, -r.level, r.level, device).view(n, 1, 1, 1): y + shift)
+        if r.width > 0:
+            steps.append(lambda y, f=factor(r.width): blend(y, torch.full_like(y[:, :1], 0.5), f))
+        if r.gamma > 0:
+            steps.append(lambda y, g=self._uniform(n, -r.gamma, r.gamma, device).exp().view(n, 1, 1, 1):
+                         y.clamp(min=0.0) ** g)
         out = x
         for step in torch.randperm(len(steps)).tolist():
             out = steps[step](out).clamp(0.0, 1.0)
@@ -188,6 +237,32 @@ class BatchAugment(torch.nn.Module):
             return x
         apply = self._chance(x.shape[0], self.recipe.solarize_p, x.device).view(-1, 1, 1, 1)
         return torch.where(apply & (x >= 0.5), 1.0 - x, x)
+
+
+CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before it falls back to the centre
+
+
+def random_resized_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float], device: torch.device,
+                         attempts: int = CROP_ATTEMPTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The width and height (fractions of a square image's side) of `n` random resized crops, drawn as
+    torchvision's `RandomResizedCrop.get_params` draws them: a box of area U(`scale`) and log-uniform aspect
+    `ratio` is redrawn until it fits (up to `attempts` times), then the fallback is the centre crop of the
+    allowed ratio nearest to the image's (the whole square when 1 is allowed).
+
+    A box that does not fit is never shrunk to the side: clamping put one crop in seven at the full side
+    (torchvision: one in 500) and made every view easier than the papers'. All images draw their
+    `attempts` candidates at once and keep their first that fits."""
+    area = torch.empty(n, attempts, device=device).uniform_(*scale)
+    aspect = torch.empty(n, attempts, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp_()
+    width, height = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
+    fits = (width <= 1) & (height <= 1)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first candidate that fits (0 when none does)
+    width, height = width.gather(1, first).squeeze(1), height.gather(1, first).squeeze(1)
+    nearest = min(max(1.0, ratio[0]), ratio[1])  # the square's own ratio, or the nearest one allowed
+    fallback_width, fallback_height = min(1.0, nearest), min(1.0, 1 / nearest)
+    none_fits = ~fits.any(dim=1)
+    return (torch.where(none_fits, torch.full_like(width, fallback_width), width),
+            torch.where(none_fits, torch.full_like(height, fallback_height), height))
 
 
 def affine_crop(x: torch.Tensor, width: torch.Tensor, height: torch.Tensor, centre_x: torch.Tensor,

@@ -70,11 +70,12 @@ def loop_momentum_update(model: MoCo) -> None:
 def pil_views(recipe: AugmentRecipe, size: int) -> T.Compose:
     """The papers' per-sample PIL augmentation with torchvision's classic transforms, same ranges."""
     sigma = tuple(s * size / REFERENCE_SIZE for s in recipe.blur_sigma)
+    colour = [T.RandomApply([T.ColorJitter(recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)],
+                            p=recipe.jitter_p),
+              T.RandomGrayscale(recipe.grayscale_p)]
     return T.Compose([
         T.RandomResizedCrop(size, scale=recipe.crop_scale, ratio=recipe.crop_ratio),
-        T.RandomApply([T.ColorJitter(recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)],
-                      p=recipe.jitter_p),
-        T.RandomGrayscale(recipe.grayscale_p),
+        *(reversed(colour) if recipe.grayscale_first else colour),
         T.RandomApply([T.GaussianBlur(2 * math.ceil(3 * sigma[1]) + 1, sigma)], p=recipe.blur_p),
         T.RandomSolarize(128, p=recipe.solarize_p),
         T.RandomHorizontalFlip(recipe.flip_p),

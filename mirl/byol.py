@@ -19,15 +19,17 @@ from mirl.distributed import convert_to_cross_rank_batchnorm
 from mirl.encoders import build_encoder
 from mirl.flags import positive_float
 from mirl.method_spec import MethodSpec, Options
+from mirl.runtime import full_precision
 
 BASE_TARGET_MOMENTUM = 0.996
 HIDDEN_DIM, PROJECTION_DIM = 4096, 256
 
 
+@full_precision
 def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The normalised mean squared error of each prediction and its target projection, averaged over
     the batch: |p/|p| - z/|z||^2 = 2 - 2 cos(p, z)."""
-    return (2 - 2 * F.cosine_similarity(prediction.float(), target.float(), dim=-1)).mean()
+    return (2 - 2 * F.cosine_similarity(prediction, target, dim=-1)).mean()
 
 
 def target_momentum(step: int, total_steps: int, base: float = BASE_TARGET_MOMENTUM) -> float:
@@ -44,8 +46,9 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
 class BYOL(nn.Module):
     """The online encoder, projector and predictor, and their target twins moved by EMA.
 
-    Both views pass each network in one batch (BatchNorm over all 2N views, across every rank as in the
-    paper's global BN); the loss is symmetric, each view's prediction against the other view's target.
+    Each view passes each network on its own, so BatchNorm normalises a view's batch with its own statistics
+    (across every rank, as the paper's global BN), as the BYOL code and solo-learn do: one BatchNorm batch of
+    both views would mix them. The loss is symmetric, each view's prediction against the other view's target.
     The step count is a buffer, so a resumed run continues the EMA schedule exactly.
     """
 
@@ -79,11 +82,9 @@ class BYOL(nn.Module):
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training:  # the online weights moved in the last optimizer step: the target follows first
             self.update_target()
-        n = x1.shape[0]
-        views = torch.cat([x1, x2])
-        p1, p2 = self.predictor(self.online_projector(self.online_encoder(views))).split(n)
+        p1, p2 = (self.predictor(self.online_projector(self.online_encoder(view))) for view in (x1, x2))
         with torch.no_grad():
-            z1, z2 = self.target_projector(self.target_encoder(views)).split(n)
+            z1, z2 = (self.target_projector(self.target_encoder(view)) for view in (x1, x2))
         return byol_loss(p1, z2) + byol_loss(p2, z1), p1
 
     def feature_encoder(self) -> nn.Module:

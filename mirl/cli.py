@@ -10,6 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from mirl.augment import MODALITY_RECIPES
 from mirl.checkpoints import CHECKPOINT_NAME
 from mirl.config import DownstreamConfig, PretrainConfig, RunConfig
 from mirl.datasets import DATASETS, DatasetDescription, with_label_csv
@@ -81,9 +82,11 @@ def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.Argumen
                            description=f"Self-supervised {spec.title} pretraining of an encoder; labels unused.")
     _common_arguments(parser, folder, spec.epochs)
     parser.add_argument("--optimizer", choices=("sgd", "lars"), default=spec.optimizer)
-    parser.add_argument("--augment", choices=("grey", "paper"), default=None,
-                        help="augmentation recipe: grey-scale CT/MR or the paper's colour one "
-                             "(default: grey for CT and MR datasets)")
+    parser.add_argument("--augment", choices=sorted(MODALITY_RECIPES), default=None,
+                        help="how the method's paper recipes fit the images: paper (as published), grey (any "
+                             "grey-scale image), ct (window level/width jitter), mr (intensity scale, offset, "
+                             "gamma), dermoscopy (every flip and quarter turn, mild colour jitter); default: the "
+                             "dataset's, chosen on validation where real data was at hand (README)")
     parser.add_argument("--positives", choices=POSITIVES, default=PretrainConfig.positives,
                         help="what a pair's two views come from: two augmentations of one image (views), two "
                              "neighbouring images of one study (study: adjacent slices of a series or volume, "

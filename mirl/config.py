@@ -111,4 +111,6 @@ class DownstreamConfig(RunConfig):
 
     @property
     def mode(self) -> str:
-        return "resnet" if self.resnet else ("frozen" if self.frozen else "finetune")
+        if self.resnet:  # no pretrained encoder: the supervised network, or a probe on random features (`frozen`)
+            return "random_frozen" if self.frozen else "resnet"
+        return "frozen" if self.frozen else "finetune"

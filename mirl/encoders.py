@@ -176,13 +176,27 @@ def start_encoders_from(model: nn.Module, weights: dict[str, torch.Tensor], sour
 STOCHASTIC_LAYERS = (nn.Dropout, nn.Dropout2d, torchvision.ops.StochasticDepth, timm.layers.DropPath)
 
 
+class LearnedScale(nn.Module):
+    """A learned scale per feature, starting at 1: after a BatchNorm without affine parameters it is a
+    BatchNorm that scales but does not shift (TensorFlow's `center=False, scale=True`)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
 def projection_head(kind: str, in_dim: int, out_dim: int = 128) -> nn.Module:
-    """MoCo v1's linear layer, MoCo v2's 2-layer MLP, or SimCLR's MLP with BatchNorm."""
+    """MoCo v1's linear layer, MoCo v2's 2-layer MLP, or SimCLR's MLP with BatchNorm (its last BatchNorm
+    scales but does not shift, as google-research/simclr's `center=False` output layer)."""
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp":
         return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
     if kind == "mlp_bn":
         return nn.Sequential(nn.Linear(in_dim, in_dim, bias=False), nn.BatchNorm1d(in_dim), nn.ReLU(inplace=True),
-                             nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False))
+                             nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False),
+                             LearnedScale(out_dim))
     raise ValueError(f"unknown head {kind}")

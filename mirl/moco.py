@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from functools import partial
 
 import torch
@@ -16,6 +17,7 @@ from mirl.distributed import (
     batchnorm_variants,
     gather_no_grad,
     is_distributed,
+    is_main_process,
     rank,
     shuffle_across_ranks,
     unshuffle_across_ranks,
@@ -24,6 +26,7 @@ from mirl.encoders import STOCHASTIC_LAYERS, build_encoder, projection_head
 from mirl.errors import InputError
 from mirl.flags import positive_float, positive_int
 from mirl.method_spec import MethodSpec, Options
+from mirl.runtime import full_precision
 from mirl.splits import FRACTIONS
 
 MIN_VALUES_PER_GROUP = 16
@@ -91,6 +94,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     def __init__(self, num_features: int, splits: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.splits = splits
+        self.groups_used: int | None = None  # at the last training forward
 
     def groups_for(self, batch: int, values_per_image: int) -> int:
         """How many equal groups a batch of `batch` images is normalised in: at most `splits`, each of at
@@ -101,6 +105,8 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.groups_for(x.shape[0], math.prod(x.shape[2:])) if self.training else 1
+        if self.training:
+            self.groups_used = groups
         if groups == 1:
             return super().forward(x)
         self.num_batches_tracked.add_(1)
@@ -198,6 +204,7 @@ class MomentumQueue(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
 
+@full_precision
 def infonce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
             temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """MoCo's InfoNCE: each query (unit vector) against its own key (the positive, logit 0) and every key of
@@ -212,6 +219,7 @@ def own_positions(q: torch.Tensor) -> torch.Tensor:
     return rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
 
 
+@full_precision
 def batch_infonce(q: torch.Tensor, batch_keys: torch.Tensor, own: torch.Tensor,
                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE with the other keys of the (gathered) batch as the negatives: query i's positive is key
@@ -233,6 +241,7 @@ def jaccard_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, shared / union.clamp(min=1e-12), torch.zeros_like(shared))
 
 
+@full_precision
 def label_aware_infonce(q: torch.Tensor, batch_keys: torch.Tensor, queue_keys: torch.Tensor,
                         labels: torch.Tensor, batch_labels: torch.Tensor, queue_labels: torch.Tensor,
                         own: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -283,6 +292,7 @@ class MoCo(nn.Module):
         self.head_q = projection_head(head, feature_dim, dim)
         self.head_k = projection_head(head, feature_dim, dim)
         self.queue = MomentumQueue(dim, queue_size, label_dim)
+        self._groups_reported = splits == 1
         for online, target in zip(self._online_params(), self._target_params()):
             target.data.copy_(online.data)
             target.requires_grad = False
@@ -298,6 +308,18 @@ class MoCo(nn.Module):
 
     def _online_params(self) -> list[nn.Parameter]:
         return list(self.encoder_q.parameters()) + list(self.head_q.parameters())
+
+    def report_batchnorm_groups(self) -> str | None:
+        """After a training forward: a note when split-batch BatchNorm normalised some layers in fewer groups
+        than `--bn-splits` (a small batch, or late feature maps too small for groups of 16 values per
+        channel), else None. The stand-in for shuffle-BN is then weaker in those layers."""
+        layers = [m for m in self.encoder_q.modules() if isinstance(m, SplitBatchNorm2d) and m.groups_used]
+        fewer = [m.groups_used for m in layers if m.groups_used < m.splits]
+        if not fewer:
+            return None
+        return (f"split-batch BatchNorm normalises {len(fewer)} of {len(layers)} layers in fewer groups than "
+                f"--bn-splits {layers[0].splits} (as few as {min(fewer)}): each group keeps at least two images and "
+                f"{MIN_VALUES_PER_GROUP} values per channel; a larger batch or input keeps more groups")
 
     def _target_params(self) -> list[nn.Parameter]:
         return list(self.encoder_k.parameters()) + list(self.head_k.parameters())
@@ -318,12 +340,17 @@ class MoCo(nn.Module):
         """InfoNCE loss of a batch of queries against their keys and the queue; also the logits.
         `labels` (label-aware MoCo) are label vectors with "no finding", all zero when unknown."""
         q = F.normalize(self.head_q(self.encoder_q(im_q)), dim=1)
+        if not self._groups_reported and self.training:  # said once, at a run's first step
+            self._groups_reported = True
+            note = self.report_batchnorm_groups()
+            if note and is_main_process():
+                print(f"note: {note}", file=sys.stderr)
         self.momentum_update()
         k = self.keys(im_k)
-        q, k = q.float(), k.float()  # logits and loss in fp32 under autocast
+        # the losses compute their logits in fp32 under autocast (`full_precision`)
         if labels is not None:
             batch_keys, batch_labels = gather_no_grad(k), gather_no_grad(labels.float())
-            loss = label_aware_infonce(q, batch_keys, self.queue.negatives().float(), labels.float(), batch_labels,
+            loss = label_aware_infonce(q, batch_keys, self.queue.negatives(), labels, batch_labels,
                                        self.queue.negative_labels(), own_positions(q), self.temperature)
             self.queue.enqueue(batch_keys, batch_labels)
             return loss, q @ batch_keys.t() / self.temperature
@@ -333,7 +360,7 @@ class MoCo(nn.Module):
             loss, logits = batch_infonce(q, batch_keys, own_positions(q), self.temperature)
             self.queue.enqueue(batch_keys)
             return loss, logits
-        loss, logits = infonce(q, k, negatives.float(), self.temperature)
+        loss, logits = infonce(q, k, negatives, self.temperature)
         self.queue.enqueue(gather_no_grad(k))
         return loss, logits
 

@@ -48,9 +48,8 @@ def pretraining_records(description: DatasetDescription, config: PretrainConfig
         splits = load_splits(description, labelled, config.split_dir)
         by_id = {r.image_id: r for r in labelled}
         monitor_sets = {name: [by_id[i] for i in splits[name]] for name in ("train100F", "val")}
-        test, held_out = set(splits["test"]), split_digest(splits["test"])
-        test_patients = {r.group for r in labelled if r.image_id in test and r.group is not None}
-        records = [r for r in records if r.image_id not in test and r.group not in test_patients]
+        records = outside_test_patients(description, records, set(splits["test"]))
+        held_out = split_digest(splits["test"])
         if config.supervised:
             records = label_aware_records(records, usable_labels(labelled, records, splits, config.fraction),
                                           len(description.classes))
@@ -59,6 +58,17 @@ def pretraining_records(description: DatasetDescription, config: PretrainConfig
         raise InputError(f"--batch-size {config.batch_size} is more than the {share} pretraining images of each of "
                          f"{distributed.world_size()} process(es): an epoch would have no full batch; lower it")
     return records, monitor_sets, held_out
+
+
+def outside_test_patients(description: DatasetDescription, records: list[ImageRecord],
+                          test: set[str]) -> list[ImageRecord]:
+    """`records` without the test images and without any other image of a test image's patient, by the
+    dataset's own patient grouping (an RSNA slice's PatientID, not `record.group`, which its reader leaves
+    empty): a user's split files need not be grouped by patient, and a test patient's other slices must
+    not become pretraining images or positive partners."""
+    groups = [description.patient_group(r) for r in records]
+    test_patients = {g for r, g in zip(records, groups) if r.image_id in test and g is not None}
+    return [r for r, g in zip(records, groups) if r.image_id not in test and g not in test_patients]
 
 
 def usable_labels(labelled: list[ImageRecord], records: list[ImageRecord], splits: dict[str, list[str]],
@@ -180,7 +190,7 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     optimizer = build_optimizer(model, run.optimizer, run.lr, method.weight_decay)
     warmup = min(method.warmup_epochs * len(loader), total_steps // 10)
     scheduler = build_scheduler(optimizer, method.schedule, total_steps, warmup)
-    style = run.augment or ("grey" if description.grayscale else "paper")
+    style = run.augment or description.augment
     augments = [BatchAugment(recipe_for(recipe, style), run.image_size) for recipe in method.recipes]
 
     log = RunLog(run.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
@@ -229,7 +239,7 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
         with reading_state(resume_from):
             trainer.restore(resumed, resume_from)
     trainer.fit(run.epochs, log, end_of_epoch, train_mode=model.train)
-    final = {"loss": trainer.last_loss, **{f"knn_{k}": v for k, v in latest["monitor"].items()}}
+    final = {"loss": trainer.last_loss, **latest["monitor"]}
     log.hparams(run.flags(), final)
     log.close()
     if distributed.is_main_process():

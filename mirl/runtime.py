@@ -2,8 +2,11 @@
 compilation, and its random seeds."""
 from __future__ import annotations
 
+import functools
 import os
 import random
+from contextlib import ExitStack
+from typing import Callable, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -11,6 +14,29 @@ import torch.nn as nn
 
 from mirl.distributed import local_rank, rank
 from mirl.errors import InputError
+
+Args = ParamSpec("Args")
+Result = TypeVar("Result")
+
+
+def full_precision(loss: Callable[Args, Result]) -> Callable[Args, Result]:
+    """`loss` computed in fp32 whatever autocast a run trains under: its floating-point tensor arguments are
+    cast to fp32 (at least) and autocast is off inside it. Casting the inputs alone is not enough: autocast lowers a
+    matrix product of fp32 tensors to bf16 or fp16 anyway, which rounds contrastive logits (q.k / T with
+    T = 0.07 magnifies the rounding 14 times)."""
+    def fp32(value: object) -> object:  # at least fp32: a float64 input keeps its precision
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(torch.promote_types(value.dtype, torch.float32))
+        return value
+
+    @functools.wraps(loss)
+    def in_fp32(*args: Args.args, **kwargs: Args.kwargs) -> Result:
+        devices = {v.device.type for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)}
+        with ExitStack() as stack:
+            for device in sorted(devices):
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return loss(*map(fp32, args), **{k: fp32(v) for k, v in kwargs.items()})
+    return in_fp32
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -13,11 +13,13 @@ from mirl.distributed import convert_to_cross_rank_batchnorm, gather_with_grad
 from mirl.encoders import build_encoder, projection_head
 from mirl.flags import positive_float
 from mirl.method_spec import MethodSpec, Options
+from mirl.runtime import full_precision
 
 
+@full_precision
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR's loss over 2N views: each view's positive is its twin, the other 2N - 2 are negatives."""
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
     n = z1.shape[0]
     similarity = z @ z.t() / temperature
     similarity.fill_diagonal_(float("-inf"))  # a view is not its own negative

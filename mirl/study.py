@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from scipy import stats
 
+from mirl.augment import MODALITY_RECIPES
 from mirl.cli import bound_dataset
 from mirl.config import DownstreamConfig, PretrainConfig, RunConfig
 from mirl.datasets import DATASETS, DatasetDescription
@@ -36,6 +37,9 @@ from mirl.pretrain import pretrain
 from mirl.splits import FRACTIONS
 
 SUPERVISED = "supervised"
+# the control: the linear probe on a randomly initialised encoder, what a probe gets from no pretraining at all
+RANDOM = "random"
+UNPRETRAINED = (SUPERVISED, RANDOM)
 MODES = ("frozen", "finetune")
 
 
@@ -70,7 +74,7 @@ def pretraining_dir(out: Path, variant: str, fraction: int, seed: int | None = N
 class Run:
     """One downstream run of the study."""
 
-    method: str  # a VARIANTS key or SUPERVISED
+    method: str  # a VARIANTS key, SUPERVISED or RANDOM
     mode: str
     fraction: int
     seed: int
@@ -79,6 +83,8 @@ class Run:
     def column(self) -> str:
         if self.method == SUPERVISED:
             return "Supervised"
+        if self.method == RANDOM:
+            return "Random encoder frozen"
         return f"{VARIANTS[self.method].title} {self.mode}"
 
     @property
@@ -90,7 +96,7 @@ class Run:
 def plan(methods: list[str], modes: list[str], fractions: list[int], seeds: list[int]) -> list[Run]:
     runs = []
     for method in methods:
-        for mode in ([SUPERVISED] if method == SUPERVISED else modes):
+        for mode in {SUPERVISED: [SUPERVISED], RANDOM: ["frozen"]}.get(method, modes):
             runs += [Run(method, mode, f, s) for f in fractions for s in seeds]
     return runs
 
@@ -236,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--split-dir", type=Path, default=None, help="default: OUTPUT_DIR/splits")
     parser.add_argument("--fractions", type=int, nargs="+", choices=FRACTIONS, default=list(FRACTIONS))
-    parser.add_argument("--methods", nargs="+", choices=[*VARIANTS, SUPERVISED], default=[*METHODS, SUPERVISED],
-                        help="columns to run (default: every method and the supervised baseline; "
-                             "moco_efficient, moco_super and mocov2_super add the published table's others)")
+    parser.add_argument("--methods", nargs="+", choices=[*VARIANTS, *UNPRETRAINED], default=[*METHODS, *UNPRETRAINED],
+                        help="columns to run (default: every method, the supervised baseline and the random-encoder "
+                             "probe; moco_efficient, moco_super and mocov2_super add the published table's others)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0])
     parser.add_argument("--pretrain-seeds", action="store_true",
@@ -253,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--downstream-batch-size", type=batch_size, default=None, help="default: --batch-size")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--augment", choices=sorted(MODALITY_RECIPES), default=None,
+                        help="the pretraining views' recipe family (default: the dataset's, as the scripts')")
     parser.add_argument("--queue-size", type=positive_int, default=None,
                         help="MoCo queue (default: the scripts' rule, a power of two <= images / 4)")
     parser.add_argument("--cache", type=Path, default=None, help="decoded-image cache folder shared by all runs")
@@ -283,8 +291,11 @@ def run_study(args: argparse.Namespace) -> None:
     def pretrained_seed(seed: int) -> int | None:
         return seed if args.pretrain_seeds else None
 
-    pretrainings = dict.fromkeys((m, f if VARIANTS[m].label_aware else None, pretrained_seed(s))
-                                 for m in args.methods if m != SUPERVISED for f in args.fractions for s in args.seeds)
+    runs = plan(args.methods, args.modes, args.fractions, args.seeds)
+    # only what an unfinished run needs: a study continued after its last run of a method pretrains nothing more
+    pretrainings = dict.fromkeys((r.method, r.fraction if VARIANTS[r.method].label_aware else None,
+                                  pretrained_seed(r.seed)) for r in runs
+                                 if r.method not in UNPRETRAINED and not (out / "runs" / r.name / "metrics.json").is_file())
     for variant_name, fraction, seed in pretrainings:
         variant = VARIANTS[variant_name]
         checkpoint = pretraining_dir(out, variant_name, fraction, seed) / "checkpoint.pth"
@@ -297,26 +308,25 @@ def run_study(args: argparse.Namespace) -> None:
         config = PretrainConfig(method=variant.method, output_dir=checkpoint.parent, batch_size=args.batch_size,
                                 arch=variant.arch or args.arch, epochs=wanted,
                                 seed=args.seeds[0] if seed is None else seed,
-                                supervised=variant.label_aware, fraction=fraction or 100, options=queue, **shared)
+                                supervised=variant.label_aware, fraction=fraction or 100, augment=args.augment,
+                                options=queue, **shared)
         run_or_stop(lambda: pretrain(description, config))
 
-    runs = plan(args.methods, args.modes, args.fractions, args.seeds)
     for number, run in enumerate(runs, 1):
         run_dir = out / "runs" / run.name
         if (run_dir / "metrics.json").is_file():
             print(f"[{number}/{len(runs)}] {run.name}: done before, skipped")
             continue
         print(f"[{number}/{len(runs)}] {run.name}")
-        if run.method == SUPERVISED:
-            method, encoder = "moco", {"arch": args.arch}
+        if run.method in UNPRETRAINED:  # a torchvision network from random weights
+            method, encoder = "moco", {"arch": args.arch, "resnet": True}
         else:
             method = VARIANTS[run.method].method
             encoder = {"pretrained": pretraining_dir(out, run.method, run.fraction, pretrained_seed(run.seed)) /
                        "checkpoint.pth"}
         config = DownstreamConfig(method=method, output_dir=run_dir, epochs=args.downstream_epochs,
                                   batch_size=args.downstream_batch_size or args.batch_size,
-                                  frozen=run.mode == "frozen", resnet=run.mode == SUPERVISED,
-                                  fraction=run.fraction, seed=run.seed, **encoder, **shared)
+                                  frozen=run.mode == "frozen", fraction=run.fraction, seed=run.seed, **encoder, **shared)
         run_or_stop(lambda: downstream(description, config))
 
     rows = result_rows(runs, out, description.name)

@@ -59,7 +59,7 @@ class DatasetDescription:
     name: str
     classes: tuple[str, ...]
     multilabel: bool
-    grayscale: bool
+    augment: str  # the modality's recipe family (a key of mirl.augment.MODALITY_RECIPES), unless --augment
     find_labelled: Callable[[Path], list[ImageRecord]]
     has_labels: Callable[[Path], bool]
     data_hint: str
