@@ -245,6 +245,9 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
     output_prefix = family.output_prefix(model)
     probe_lrs = (run.lr,) if run.lr else PROBE_LRS
     if run.frozen:
+        # what the encoder must still be after linear training: the loaded weights, or a random encoder's own
+        start = encoder if encoder is not None else \
+            {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(head)}
         for p in model.parameters():
             p.requires_grad = False
         family.replace_output_layer(model, ProbeGrid(family.output_layer(model).in_features,
@@ -341,7 +344,7 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
     model.load_state_dict(best["state"])
     if run.frozen:
         changed = [k for k, v in model.state_dict().items() if not k.startswith(head) and
-                   not torch.equal(v.cpu(), encoder[k])]
+                   not torch.equal(v.cpu(), start[k])]
         if changed:
             raise RuntimeError(f"the frozen encoder changed during linear training ({changed[:3]})")
 

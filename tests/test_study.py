@@ -18,11 +18,15 @@ SIZE = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--wor
 def test_tiny_study_writes_tables_csv_and_plot_then_resumes(rsna_root, tmp_path, capsys):
     out = tmp_path / "study"
     argv = ["rsna", "--data-root", str(rsna_root), "--output-dir", str(out), "--fractions", "100", "50",
-            "--methods", "mocov2", "supervised", "--modes", "finetune", "--seeds", "0", *SIZE]
+            "--methods", "mocov2", "supervised", "random", "--modes", "finetune", "--seeds", "0", *SIZE]
     assert study.main(argv) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert {(r["column"], r["fraction"]) for r in rows} == {("MoCo v2 finetune", "100"), ("MoCo v2 finetune", "50"),
-                                                             ("Supervised", "100"), ("Supervised", "50")}
+    assert {(r["column"], r["fraction"]) for r in rows} == {
+        ("MoCo v2 finetune", "100"), ("MoCo v2 finetune", "50"), ("Supervised", "100"), ("Supervised", "50"),
+        ("Random encoder frozen", "100"), ("Random encoder frozen", "50")}
+    # the control: a linear probe on a random encoder, which stays as it was built (checked by the run itself)
+    control = json.loads((out / "runs" / "random_frozen_50F_seed0" / "config.json").read_text())
+    assert control["mode"] == "random_frozen" and control["pretrained"] is None
     assert all(float(r["test_auc_macro_ci_low"]) <= float(r["test_auc_macro"]) <= float(r["test_auc_macro_ci_high"])
                for r in rows if r["test_auc_macro_ci_low"])
     table = (out / "results.md").read_text()
@@ -36,7 +40,8 @@ def test_tiny_study_writes_tables_csv_and_plot_then_resumes(rsna_root, tmp_path,
     capsys.readouterr()
     assert study.main(argv) == 0
     second = capsys.readouterr().out
-    assert "reusing" in second and second.count("done before, skipped") == 4
+    assert second.count("done before, skipped") == 6
+    assert "reusing" not in second  # every run is done: no pretraining is even looked at
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*.pth")}  # nothing retrained
 
     picture = tmp_path / "tsne.png"
