@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +109,7 @@ def _dermoscopy(paper: AugmentRecipe) -> AugmentRecipe:
 
 
 # `--augment NAME`: how a method's paper recipes are adapted to a modality (recorded in config.json)
-MODALITY_RECIPES = {
+MODALITY_RECIPES: dict[str, Callable[[AugmentRecipe], AugmentRecipe]] = {
     "paper": lambda paper: paper,  # the papers' recipes, tuned on ImageNet photographs
     "grey": _grey,
     "ct": _ct,

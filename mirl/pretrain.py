@@ -48,7 +48,8 @@ def pretraining_records(description: DatasetDescription, config: PretrainConfig
         splits = load_splits(description, labelled, config.split_dir)
         by_id = {r.image_id: r for r in labelled}
         monitor_sets = {name: [by_id[i] for i in splits[name]] for name in ("train100F", "val")}
-        records = outside_test_patients(description, records, set(splits["test"]))
+        test = [by_id[i] for i in splits["test"]]
+        records = outside_test_patients(description, records, test)
         held_out = split_digest(splits["test"])
         if config.supervised:
             records = label_aware_records(records, usable_labels(labelled, records, splits, config.fraction),
@@ -61,14 +62,15 @@ def pretraining_records(description: DatasetDescription, config: PretrainConfig
 
 
 def outside_test_patients(description: DatasetDescription, records: list[ImageRecord],
-                          test: set[str]) -> list[ImageRecord]:
-    """`records` without the test images and without any other image of a test image's patient, by the
+                          test: list[ImageRecord]) -> list[ImageRecord]:
+    """`records` without the `test` images and without any other image of a test image's patient, by the
     dataset's own patient grouping (an RSNA slice's PatientID, not `record.group`, which its reader leaves
-    empty): a user's split files need not be grouped by patient, and a test patient's other slices must
-    not become pretraining images or positive partners."""
-    groups = [description.patient_group(r) for r in records]
-    test_patients = {g for r, g in zip(records, groups) if r.image_id in test and g is not None}
-    return [r for r, g in zip(records, groups) if r.image_id not in test and g not in test_patients]
+    empty): a user's split files need not be grouped by patient, and a test patient's other slices (or,
+    for ACDC, the frames of their cine, which are in no split) must not become pretraining images or
+    positive partners."""
+    test_ids = {r.image_id for r in test}
+    test_patients = {g for g in map(description.patient_group, test) if g is not None}
+    return [r for r in records if r.image_id not in test_ids and description.patient_group(r) not in test_patients]
 
 
 def usable_labels(labelled: list[ImageRecord], records: list[ImageRecord], splits: dict[str, list[str]],
