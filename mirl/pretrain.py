@@ -68,9 +68,10 @@ def outside_test_patients(description: DatasetDescription, records: list[ImageRe
     empty): a user's split files need not be grouped by patient, and a test patient's other slices (or,
     for ACDC, the frames of their cine, which are in no split) must not become pretraining images or
     positive partners."""
+    groups = {r.image_id: description.patient_group(r) for r in records}  # an RSNA header read once per slice
     test_ids = {r.image_id for r in test}
-    test_patients = {g for g in map(description.patient_group, test) if g is not None}
-    return [r for r in records if r.image_id not in test_ids and description.patient_group(r) not in test_patients]
+    test_patients = {groups[r.image_id] if r.image_id in groups else description.patient_group(r) for r in test}
+    return [r for r in records if r.image_id not in test_ids and groups[r.image_id] not in test_patients - {None}]
 
 
 def usable_labels(labelled: list[ImageRecord], records: list[ImageRecord], splits: dict[str, list[str]],
