@@ -244,8 +244,9 @@ def jaccard_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @full_precision
 def label_aware_infonce(q: torch.Tensor, batch_keys: torch.Tensor, queue_keys: torch.Tensor,
                         labels: torch.Tensor, batch_labels: torch.Tensor, queue_labels: torch.Tensor,
-                        own: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The supervised contrastive loss of Khosla et al. (2020) over MoCo's keys.
+                        own: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The supervised contrastive loss of Khosla et al. (2020) over MoCo's keys, and its logits (N x (batch
+    keys + queue)).
 
     Query i (unit vector) is compared with every key of the batch (gathered from all ranks) and of the
     queue. Its positives are its own key (index `own[i]` among the batch keys, weight 1) and every key
@@ -265,7 +266,7 @@ def label_aware_infonce(q: torch.Tensor, batch_keys: torch.Tensor, queue_keys: t
     hidden[rows, own] = False
     log_probability = logits.masked_fill(hidden, float("-inf")).log_softmax(dim=1)
     weighted = torch.where(weights > 0, weights * log_probability, torch.zeros_like(log_probability))
-    return (-weighted.sum(dim=1) / weights.sum(dim=1)).mean()
+    return (-weighted.sum(dim=1) / weights.sum(dim=1)).mean(), logits
 
 
 class MoCo(nn.Module):
@@ -350,10 +351,10 @@ class MoCo(nn.Module):
         # the losses compute their logits in fp32 under autocast (`full_precision`)
         if labels is not None:
             batch_keys, batch_labels = gather_no_grad(k), gather_no_grad(labels.float())
-            loss = label_aware_infonce(q, batch_keys, self.queue.negatives(), labels, batch_labels,
-                                       self.queue.negative_labels(), own_positions(q), self.temperature)
+            loss, logits = label_aware_infonce(q, batch_keys, self.queue.negatives(), labels, batch_labels,
+                                               self.queue.negative_labels(), own_positions(q), self.temperature)
             self.queue.enqueue(batch_keys, batch_labels)
-            return loss, q @ batch_keys.t() / self.temperature
+            return loss, logits
         negatives = self.queue.negatives()
         if len(negatives) == 0:  # the first step: the batch's other keys are the negatives
             batch_keys = gather_no_grad(k)

@@ -68,7 +68,7 @@ def test_label_aware_loss_matches_the_direct_formula(kind, queue_size):
     queue_labels = queue_labels[:queue_size].double()
     q, keys, queue = unit(n, 0), unit(n, 1), unit(queue_size, 2)
     own = torch.arange(n)
-    got = label_aware_infonce(q, keys, queue, labels.double(), labels.double(), queue_labels, own, T)
+    got, _ = label_aware_infonce(q, keys, queue, labels.double(), labels.double(), queue_labels, own, T)
     want = direct_loss(q, keys, queue, labels.numpy(), labels.numpy(), queue_labels.numpy(), own.numpy(), T)
     assert got.item() == pytest.approx(want, rel=1e-9)
 
@@ -77,12 +77,12 @@ def test_without_shared_labels_it_is_plain_infonce():
     q, keys, queue = unit(4, 3), unit(4, 4), unit(6, 5)
     labels = torch.eye(4, 5, dtype=torch.float64)  # every image its own class
     queue_labels = torch.zeros(6, 5, dtype=torch.float64)
-    got = label_aware_infonce(q, keys, queue, labels, labels, queue_labels, torch.arange(4), T)
+    got, _ = label_aware_infonce(q, keys, queue, labels, labels, queue_labels, torch.arange(4), T)
     logits = q @ torch.cat([keys, queue]).t() / T
     assert got.item() == pytest.approx(F.cross_entropy(logits, torch.arange(4)).item(), rel=1e-9)
     # unlabelled queries: exactly MoCo's loss, their own key against the queue
     nobody = torch.zeros(4, 5, dtype=torch.float64)
-    got = label_aware_infonce(q, keys, queue, nobody, nobody, queue_labels, torch.arange(4), T)
+    got, _ = label_aware_infonce(q, keys, queue, nobody, nobody, queue_labels, torch.arange(4), T)
     moco = torch.cat([(q * keys).sum(1, keepdim=True), q @ queue.t()], dim=1) / T
     assert got.item() == pytest.approx(F.cross_entropy(moco, torch.zeros(4, dtype=torch.long)).item(), rel=1e-9)
 

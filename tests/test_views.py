@@ -103,8 +103,8 @@ def test_contrastive_and_byol_losses_are_computed_in_fp32_under_autocast():
     bf16_rounds(lambda *a: infonce(*a)[0], q, k, queue, 0.07)
     bf16_rounds(lambda *a: batch_infonce(*a)[0], q, k, torch.arange(32), 0.07)
     labels = torch.eye(4)[torch.arange(32) % 4]
-    bf16_rounds(label_aware_infonce, q, k, queue, labels, labels, torch.eye(4)[torch.arange(256) % 4],
-                torch.arange(32), 0.07)
+    bf16_rounds(lambda *a: label_aware_infonce(*a)[0], q, k, queue, labels, labels,
+                torch.eye(4)[torch.arange(256) % 4], torch.arange(32), 0.07)
     bf16_rounds(nt_xent, q, k, 0.1)
     bf16_rounds(byol_loss, q, k)
 
