@@ -51,7 +51,7 @@ from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, AugmentRec
 from mirl.cache import dataset_images, open_cache
 from mirl.datasets import DATASETS, ImageDataset, ImageRecord, decode_record
 from mirl.edge import guarded
-from mirl.flags import OneLineParser, batch_size, image_size, positive_int
+from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_int
 from mirl.loaders import make_loader
 from mirl.models import METHODS, MoCo
 from mirl.pretrain import build_optimizer
@@ -291,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=image_size, default=224)
     parser.add_argument("--batch-size", type=batch_size, default=256)
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps of each kind")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each measurement")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps before each measurement")
+    parser.add_argument("--workers", type=non_negative_int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoders")

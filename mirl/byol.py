@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from mirl.distributed import convert_to_cross_rank_batchnorm
 from mirl.encoders import build_encoder
-from mirl.flags import positive_float
+from mirl.flags import momentum
 from mirl.method_spec import MethodSpec, Options
 from mirl.runtime import full_precision
 
@@ -93,7 +93,7 @@ class BYOL(nn.Module):
 
 
 def byol_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target-momentum", type=positive_float, default=BASE_TARGET_MOMENTUM,
+    parser.add_argument("--target-momentum", type=momentum, default=BASE_TARGET_MOMENTUM,
                         help="the EMA target's rate at the start; it rises to 1 along a cosine")
 
 

@@ -32,7 +32,7 @@ from mirl.augment import source_side
 from mirl.datasets import DATASETS, DatasetDescription, ImageDataset, ImageRecord
 from mirl.edge import guarded
 from mirl.errors import InputError, OutputError
-from mirl.flags import OneLineParser, image_size
+from mirl.flags import OneLineParser, image_size, non_negative_int
 from mirl.run_files import progress
 
 # Bump when decoding changes (windows, normalisation, resizing): old caches then stop matching.
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--cache", type=Path, required=True, help="folder that holds the caches")
     parser.add_argument("--image-size", type=image_size, default=224)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (all cores)")
+    parser.add_argument("--workers", type=non_negative_int, default=os.cpu_count() or 1, help="decoding processes (all cores)")
     args = parser.parse_args(argv)
 
     def build() -> None:

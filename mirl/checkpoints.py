@@ -8,6 +8,7 @@ inside the epoch and every random generator of every rank.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -21,6 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mirl.config import describe_differences, identity_differences
 from mirl.distributed import is_main_process
 from mirl.errors import CheckpointError, InputError, OutputError
 
@@ -185,12 +187,19 @@ def resume_state(requested: str | None, store: CheckpointStore) -> tuple[Path | 
         if not path.is_file():
             raise CheckpointError(f"--resume {path}: no such checkpoint")
         return path, load_checkpoint(path)
-    candidates = list(reversed(store.states()))
-    if not candidates and store.publish and CHECKPOINT_NAME in finished:
-        candidates = [store.output_dir / CHECKPOINT_NAME]
-    elif not candidates and finished:
+    if not store.states() and not store.publish and finished:
         raise InputError(f"{store.output_dir} holds a finished run ({finished[0]}) and no training state to "
                          "continue; choose another --output-dir")
+    return newest_intact_state(store)
+
+
+def newest_intact_state(store: CheckpointStore) -> tuple[Path | None, dict | None]:
+    """The newest training state that loads, and its contents: a damaged newest one is passed over with a
+    warning for the one before it; a pretraining run's published checkpoint.pth stands in when its states
+    were deleted. (None, None) when there is none; a CheckpointError when none of them loads."""
+    candidates = list(reversed(store.states()))
+    if not candidates and store.publish and (store.output_dir / CHECKPOINT_NAME).is_file():
+        candidates = [store.output_dir / CHECKPOINT_NAME]
     for position, path in enumerate(candidates):
         try:
             return path, load_checkpoint(path)
@@ -214,13 +223,22 @@ def reading_state(source: Path) -> Iterator[None]:
 
 
 def check_same_run(checkpoint: dict, identity: dict[str, object], source: Path) -> None:
-    """Refuse to continue a state written by a different kind of run (method, architecture, data,
-    batch size...): it would load wrong weights or silently break the exact continuation."""
+    """Refuse to continue a state written by another run (another seed, temperature, augmentation, encoder,
+    data...): it would load wrong weights, or silently train a mixture of two runs under one name."""
     saved = checkpoint.get("run") if isinstance(checkpoint, dict) else None
     if not isinstance(saved, dict):
         raise CheckpointError(f"{source} is not a MIRL training state; --resume takes a file from "
                               f"{STATES_FOLDER}/ or a pretraining checkpoint.pth")
-    for key, value in identity.items():
-        if key in saved and str(saved[key]) != str(value):  # a key an older version did not record is not checked
-            raise CheckpointError(f"{source} was written with {key} {saved.get(key)}, this run has {value}; "
-                                  f"resume with the same settings or choose another --output-dir")
+    differing = identity_differences(saved, identity)
+    if differing:
+        raise CheckpointError(f"{source} belongs to another run ({describe_differences(saved, identity, differing)}); "
+                              "resume with the settings it was started with, or choose another --output-dir")
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes: an encoder's identity in the run that starts from it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2 ** 22):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import json
 from pathlib import Path
+from typing import NoReturn
 
 from mirl.augment import MODALITY_RECIPES
 from mirl.checkpoints import CHECKPOINT_NAME
@@ -18,7 +19,7 @@ from mirl.downstream import downstream
 from mirl.edge import guarded
 from mirl.encoders import architecture_name
 from mirl.errors import InputError
-from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_float, positive_int
+from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_float, positive_int, random_seed
 from mirl.models import METHODS
 from mirl.positives import POSITIVES
 from mirl.pretrain import pretrain
@@ -50,7 +51,7 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epo
     parser.add_argument("--config", type=Path, default=None, metavar="OUTPUT/config.json",
                         help="relaunch the run that wrote this config.json: its flags are the defaults, and any flag "
                              "given here overrides one of them (e.g. --output-dir)")
-    parser.add_argument("--seed", type=non_negative_int, default=RunConfig.seed)
+    parser.add_argument("--seed", type=random_seed, default=RunConfig.seed)
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic kernels only: the same seed gives the same weights, and a resumed run "
                              "ends where an unbroken one does (slower on GPUs)")
@@ -135,26 +136,72 @@ def bound_dataset(dataset: str, config: RunConfig) -> DatasetDescription:
     return with_label_csv(DATASETS[dataset], config.labels, config.data_root, config.group_column)
 
 
-def parse_with_config(parser: argparse.ArgumentParser, dataset: str, method: str,
-                      argv: list[str] | None) -> argparse.Namespace:
-    """The flags of `argv`; with `--config OUTPUT/config.json`, the flags of the run that wrote it are the
-    defaults, so the same command relaunches that run and any flag given here overrides its value."""
+def script_name(dataset: str, script_file: str) -> str:
+    """How a run records the script that made it: the dataset it binds and the file's name."""
+    return f"{dataset}/{Path(script_file).name}"
+
+
+def recorded_arguments(parser: argparse.ArgumentParser, flags: dict[str, object]) -> list[str]:
+    """A config.json's recorded flags as command-line arguments, so that each value goes through the same type
+    and check as one typed by hand; a key that is no flag of this script is an input error."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    arguments: list[str] = []
+    for name, value in flags.items():
+        action = actions.get(name)
+        if action is None:
+            raise InputError(f"{name!r} is not a flag of this script (misspelt, or written by another MIRL)")
+        option = next(o for o in action.option_strings if o.startswith("--"))
+        if value is None:  # the flag was left at its default
+            continue
+        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+            if not isinstance(value, bool):
+                raise InputError(f"{name} is {json.dumps(value)[:40]}, expected true or false")
+            if isinstance(action, argparse.BooleanOptionalAction):
+                arguments.append(option if value else f"--no-{option[2:]}")
+            elif value:
+                arguments.append(option)
+        elif action.nargs in ("+", "*"):
+            if not isinstance(value, list) or not value:
+                raise InputError(f"{name} is {json.dumps(value)[:40]}, expected a list of values")
+            arguments += [option, *map(str, value)]
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            arguments.append(f"{option}={value}")
+        else:
+            raise InputError(f"{name} is {json.dumps(value)[:40]}, expected one value")
+    return arguments
+
+
+def parse_with_config(parser: argparse.ArgumentParser, script: str, argv: list[str] | None) -> argparse.Namespace:
+    """The flags of `argv`; with `--config OUTPUT/config.json`, the flags of the run that wrote it come first,
+    so the same command relaunches that run and any flag given here overrides one of them. The config must be
+    one this script wrote, and its values pass the same types and checks as typed flags."""
     args = parser.parse_args(argv)
     if args.config is None:
         return args
+
+    def refuse(message: str) -> NoReturn:
+        parser.error(f"--config {args.config}: {message}")
     try:
         record = json.loads(args.config.read_text())
     except (OSError, ValueError) as error:
-        parser.error(f"--config {args.config}: not a readable config.json ({type(error).__name__})")
+        refuse(f"not a readable config.json ({type(error).__name__})")
     flags = record.get("flags") if isinstance(record, dict) else None
     if not isinstance(flags, dict):
-        parser.error(f"--config {args.config}: no flags recorded (written by an older MIRL, or not a run's "
-                     "config.json)")
-    if (record.get("dataset"), record.get("method")) not in ((dataset, method), (dataset, "supervised")):
-        parser.error(f"--config {args.config}: written by a {record.get('method')} run on "
-                     f"{record.get('dataset')}, not by this script ({method} on {dataset})")
-    parser.set_defaults(**{k: v for k, v in flags.items() if k in vars(args) and k != "config"})
-    return parser.parse_args(argv)
+        refuse("no flags recorded (written by an older MIRL, or not a run's config.json)")
+    if record.get("script") != script:
+        written_by = record.get("script") or "a script that did not record its name (an older MIRL)"
+        refuse(f"written by {written_by}, not by this script ({script}); relaunch it with that script")
+    try:
+        recorded = recorded_arguments(parser, flags)
+    except InputError as error:
+        refuse(str(error))
+    own_error = parser.error
+    parser.error = refuse  # a recorded value that fails its check names the config, not the command line
+    try:
+        parser.parse_args(recorded)
+    finally:
+        parser.error = own_error
+    return parser.parse_args([*recorded, *(argv or [])])
 
 
 def data_folder_name(folder: Path, data_root: Path, labels: Path | None) -> str | None:
@@ -178,11 +225,13 @@ def default_folders(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]
 def pretrain_script(dataset: str, method: str, script_file: str, argv: list[str] | None = None) -> int:
     """Entry point of every dataset folder's pretraining scripts."""
     folder = Path(script_file).resolve().parent
-    args = parse_with_config(pretrain_parser(dataset, method, folder), dataset, method, argv)
+    script = script_name(dataset, script_file)
+    args = parse_with_config(pretrain_parser(dataset, method, folder), script, argv)
     runs, splits = default_folders(folder, args)
     supervised = getattr(args, "supervised", False)
     default_run = f"{method}_super_{args.fraction}F" if supervised else method
-    config = PretrainConfig.from_flags({**vars(args), "method": method, "split_dir": args.split_dir or splits,
+    config = PretrainConfig.from_flags({**vars(args), "method": method, "script": script,
+                                        "split_dir": args.split_dir or splits,
                                         "output_dir": args.output_dir or runs / default_run})
     return guarded(lambda: pretrain(bound_dataset(dataset, config), config))
 
@@ -190,10 +239,12 @@ def pretrain_script(dataset: str, method: str, script_file: str, argv: list[str]
 def downstream_script(dataset: str, method: str, script_file: str, argv: list[str] | None = None) -> int:
     """Entry point of every dataset folder's downstream scripts."""
     folder = Path(script_file).resolve().parent
-    args = parse_with_config(downstream_parser(dataset, method, folder), dataset, method, argv)
+    script = script_name(dataset, script_file)
+    args = parse_with_config(downstream_parser(dataset, method, folder), script, argv)
     runs, splits = default_folders(folder, args)
     mode = "resnet" if args.resnet else f"{method}_{'frozen' if args.frozen else 'finetune'}"
-    config = DownstreamConfig.from_flags({**vars(args), "method": method, "split_dir": args.split_dir or splits,
+    config = DownstreamConfig.from_flags({**vars(args), "method": method, "script": script,
+                                          "split_dir": args.split_dir or splits,
                                           "output_dir": args.output_dir or runs / f"{mode}_{args.fraction}F",
                                           "pretrained": args.pretrained or runs / method / CHECKPOINT_NAME})
     return guarded(lambda: downstream(bound_dataset(dataset, config), config))

@@ -8,6 +8,8 @@ is a new config made with `dataclasses.replace`. `flags()` gives the flag values
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,6 +18,14 @@ from typing import Mapping, TypeVar
 
 AnyConfig = TypeVar("AnyConfig", bound="RunConfig")
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+
+# The fields of a config that change neither what a run trains nor what it measures: where it writes and what
+# it continues from, how fast it goes (loader processes, device, decoded-image cache, memory format,
+# compilation) and how it keeps its states; and `transfer`, which only allows a check to pass. Every other
+# field, a method's options included, is part of the run identity.
+OUTSIDE_IDENTITY = ("output_dir", "resume", "workers", "device", "cache", "channels_last", "compile", "save_every",
+                    "keep", "transfer", "script")
+NOT_FLAGS = ("options", "method", "script")  # fields a script binds itself, not from a flag
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +59,7 @@ class RunConfig:
     labels: Path | None = None
     group_column: str | None = None
     init_weights: Path | None = None  # a local state dict the encoder(s) start from (never downloaded)
+    script: str | None = None  # the script that made the run (`isic/trainSimCLR.py`): what `--config` relaunches
 
     def __post_init__(self) -> None:
         # absolute paths, links resolved: a record (config.json) and a relaunch mean the same folders from any
@@ -67,9 +78,18 @@ class RunConfig:
             given["options"] = {k: v for k, v in flags.items() if k not in names and k != "config"}
         return cls(**given)
 
+    def identity(self) -> dict[str, object]:
+        """What makes two runs the same run, as JSON values: every field outside OUTSIDE_IDENTITY and the
+        method's options. A run adds what only it knows (the dataset, the world size, the hash of the
+        encoder it starts from) and compares the whole on resume; a study compares it before reusing."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)
+                  if f.name not in OUTSIDE_IDENTITY and f.name != "options"}
+        values.update(getattr(self, "options", {}))
+        return json_values(values)
+
     def flags(self) -> dict[str, object]:
-        """The flag values this config was made from, by argparse name: a relaunch takes them as defaults."""
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        """The flag values this config was made from, by argparse name: what a `--config` relaunch passes again."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_FLAGS}
         values.update(getattr(self, "options", {}))
         return values
 
@@ -114,3 +134,29 @@ class DownstreamConfig(RunConfig):
         if self.resnet:  # no pretrained encoder: the supervised network, or a probe on random features (`frozen`)
             return "random_frozen" if self.frozen else "resnet"
         return "frozen" if self.frozen else "finetune"
+
+
+def json_values(values: Mapping[str, object]) -> dict[str, object]:
+    """`values` as JSON reads them back (paths as text, tuples as lists), so a recorded identity and a new
+    one compare equal exactly when their settings are equal."""
+    return json.loads(json.dumps(dict(values), default=str, sort_keys=True))
+
+
+def identity_differences(recorded: Mapping[str, object], current: Mapping[str, object]) -> list[str]:
+    """The fields of `current` that `recorded` holds with another value or does not hold at all (a record of
+    an older MIRL did not hold every field: what it cannot vouch for is treated as different)."""
+    recorded, current = json_values(recorded), json_values(current)
+    return [key for key in current if key not in recorded or recorded[key] != current[key]]
+
+
+def describe_differences(recorded: Mapping[str, object], current: Mapping[str, object], keys: list[str]) -> str:
+    """`seed 0 -> 1, temperature 0.2 -> 0.5`: what a refusal names, the recorded value first."""
+    def shown(values: Mapping[str, object], key: str) -> str:
+        return "(not recorded)" if key not in values else json.dumps(json_values(values)[key])[:80]
+    return ", ".join(f"{key} {shown(recorded, key)} -> {shown(current, key)}" for key in keys[:6]) + \
+        (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+
+def identity_digest(identity: Mapping[str, object]) -> str:
+    """A short name of a run identity (`run_id` in config.json and metrics.json): equal identities, equal ids."""
+    return hashlib.sha256(json.dumps(json_values(identity), sort_keys=True).encode()).hexdigest()[:12]

@@ -18,6 +18,7 @@ from mirl.config import DownstreamConfig, PretrainConfig
 from mirl.datasets import RSNA
 from mirl.downstream import downstream
 from mirl.edge import guarded
+from mirl.flags import image_size, non_negative_int, positive_int
 from mirl.pretrain import pretrain
 from mirl.sample_data import write_rsna
 
@@ -68,13 +69,13 @@ def verdict(out: Path, fraction: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mirl.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("mirl-demo"))
-    parser.add_argument("--patients", type=int, default=80)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--pretrain-epochs", type=int, default=30)
-    parser.add_argument("--downstream-epochs", type=int, default=10, help="at 100 %% of labels; a low fraction "
+    parser.add_argument("--patients", type=positive_int, default=80)
+    parser.add_argument("--image-size", type=image_size, default=64)
+    parser.add_argument("--pretrain-epochs", type=positive_int, default=30)
+    parser.add_argument("--downstream-epochs", type=positive_int, default=10, help="at 100 %% of labels; a low fraction "
                         "trains the scripts' default, at least 200 optimizer steps")
     parser.add_argument("--fractions", type=int, nargs=2, default=[100, 10], metavar=("ALL", "LOW"))
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=non_negative_int, default=2)
     args = parser.parse_args(argv)
     start = time.time()
     data, splits, runs = args.out / "data", args.out / "splits", args.out / "runs"

@@ -18,10 +18,17 @@ import torch.nn.functional as F
 from mirl import distributed
 from mirl.augment import RECIPES, BatchAugment
 from mirl.cache import open_cache
-from mirl.checkpoints import CHECKPOINT_NAME, check_same_run, load_checkpoint, reading_state, save_checkpoint
-from mirl.config import DownstreamConfig
+from mirl.checkpoints import (
+    CHECKPOINT_NAME,
+    check_same_run,
+    file_digest,
+    load_checkpoint,
+    reading_state,
+    save_checkpoint,
+)
+from mirl.config import DownstreamConfig, identity_digest
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
-from mirl.encoders import load_encoder, local_weights
+from mirl.encoders import check_input_size, load_encoder, local_weights
 from mirl.errors import CheckpointError, InputError
 from mirl.inference import predict
 from mirl.loaders import make_loader
@@ -126,9 +133,10 @@ def starting_weights(method: MethodSpec, config: DownstreamConfig
         raise InputError("--init-weights goes with --resnet; without it the encoder comes from --pretrained")
     if not config.resnet:
         arch, encoder, data = pretrained_encoder(method, config)
+        check_input_size(arch, config.image_size)
         return arch, encoder, config.pretrained, data
     arch = config.arch or "resnet50"
-    architecture(arch)  # one MIRL can build, or an input error now
+    check_input_size(arch, config.image_size)  # one MIRL can build at this size, or an input error now
     if config.init_weights is None:
         return arch, None, None, None
     return arch, local_weights(config.init_weights, arch), config.init_weights, None
@@ -148,13 +156,32 @@ def labelled_splits(description: DatasetDescription,
     return train, val, test
 
 
+def downstream_epochs(config: DownstreamConfig) -> int:
+    """The run's epochs: `--epochs`, else the mode's default."""
+    return config.epochs or (FROZEN_EPOCHS if config.frozen else FINETUNE_EPOCHS)
+
+
 def epochs_and_passes(config: DownstreamConfig, train_images: int, batch_size: int) -> tuple[int, int]:
-    """The run's epochs (`--epochs`, else the mode's default) and passes over the split per epoch: without
-    `--epochs`, enough passes that the run takes at least MIN_STEPS optimizer steps."""
+    """The run's epochs and passes over the split per epoch: without `--epochs`, enough passes that the run
+    takes at least MIN_STEPS optimizer steps."""
+    epochs = downstream_epochs(config)
     if config.epochs:
-        return config.epochs, 1
-    epochs = FROZEN_EPOCHS if config.frozen else FINETUNE_EPOCHS
+        return epochs, 1
     return epochs, math.ceil(math.ceil(MIN_STEPS / epochs) * batch_size / train_images)
+
+
+def downstream_identity(description: DatasetDescription, run: DownstreamConfig) -> dict[str, object]:
+    """The run identity of a downstream config (its architecture settled): its fields with the mode's
+    epochs, the dataset, the number of processes, and the hashes of the files the encoder starts from
+    (the pretraining checkpoint, `--init-weights`) instead of their paths: another checkpoint at the same
+    path is another run."""
+    return {**replace(run, epochs=downstream_epochs(run)).identity(),
+            "method": "supervised" if run.resnet else run.method, "mode": run.mode, "dataset": description.name,
+            "world_size": distributed.world_size(),
+            # a file that is not there has no identity (None): the run itself refuses it first, a study as other
+            "pretrained": file_digest(run.pretrained) if not run.resnet and run.pretrained and run.pretrained.is_file()
+            else None,
+            "init_weights": file_digest(run.init_weights) if run.init_weights is not None else None}
 
 
 def classifier_optimizer(model: nn.Module, config: DownstreamConfig, probe_lrs: tuple[float, ...],
@@ -224,12 +251,8 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
     arch, encoder, source, pretraining_data = starting_weights(method, config)
     run = replace(config, arch=arch)
     mode = run.mode
-    identity = {"method": "supervised" if run.resnet else method.name, "mode": mode, "dataset": description.name,
-                "arch": run.arch, "fraction": run.fraction, "batch_size": run.batch_size,
-                "image_size": run.image_size, "world_size": distributed.world_size(),
-                # the schedule follows from these: a resumed run with others would silently train another one
-                "lr": run.lr, "epochs": run.epochs, "encoder_lr_scale": run.encoder_lr_scale}
-    if resumed is not None:
+    identity = downstream_identity(description, run)
+    if resumed is not None:  # before the data is listed: a state of another run is refused at once
         check_same_run(resumed, identity, resume_from)
     precision = resolve_precision(run.precision, device)
     train, val, test = labelled_splits(description, run)
@@ -277,7 +300,8 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
     augment = BatchAugment(RECIPES["linear" if run.frozen else "finetune"], run.image_size)
     evaluate_every = max(1, run.epochs // EVALUATIONS)
     log = RunLog(run.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
-    record = {**run.flags(), "flags": config.flags(), "method": identity["method"], "mode": mode,
+    record = {**run.flags(), "flags": config.flags(), "script": config.script, "method": identity["method"],
+              "mode": mode,
               "steps": total_steps,
               "passes_per_epoch": passes,
               "warmup_steps": warmup_steps, "optimizer": type(optimizer).__name__,
@@ -285,7 +309,8 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
               "learning_rates": [group["initial_lr"] for group in optimizer.param_groups],
               "dataset": description.name, "device": str(device), "precision": precision_name(precision),
               "train_images": len(train), "val_images": len(val), "test_images": len(test),
-              "schedule": schedule, "resumed_from": resume_from, "software": provenance()}
+              "schedule": schedule, "resumed_from": resume_from, "software": provenance(),
+              "identity": identity, "run_id": identity_digest(identity)}
     log.json("config.json", record)
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -353,13 +378,14 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
 
     results = {"test": evaluate_split(test, test_loader, interval=True), "val": evaluate_split(val, val_loader)}
     results.update(best_epoch=best["epoch"], selected_by=f"val {selection}", lr=best["lr"], mode=mode,
-                   fraction=run.fraction, arch=run.arch, method=record["method"], epochs=run.epochs)
+                   fraction=run.fraction, arch=run.arch, method=record["method"], epochs=run.epochs,
+                   identity=identity, run_id=record["run_id"])
     log.json("metrics.json", results)
     for name in ("auc_macro", "accuracy", "balanced_accuracy", "patient_accuracy"):
         if results["test"].get(name) is not None:
             log.scalar(f"test/{name}", results["test"][name], best.get("step", log.step))
     save_checkpoint({"method": record["method"], "mode": mode, "arch": run.arch, "dataset": description.name,
-                     "image_size": run.image_size,
+                     "image_size": run.image_size, "run": identity,
                      "classes": list(classes), "model": model.state_dict(), "best_epoch": best["epoch"]},
                     run.output_dir / CHECKPOINT_NAME)
     log.hparams({**run.flags(), "mode": mode, "selected_lr": best["lr"]},

@@ -18,7 +18,7 @@ from mirl.datasets import DATASETS, with_label_csv
 from mirl.edge import guarded
 from mirl.errors import CheckpointError
 from mirl.export import checkpoint_image_size, encoder_from_checkpoint
-from mirl.flags import OneLineParser, image_size, positive_int
+from mirl.flags import OneLineParser, image_size, non_negative_int, positive_int
 from mirl.monitor import extract_features, sample_records
 from mirl.runtime import resolve_device, resolve_precision
 from mirl.splits import load_splits
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="your own label CSV, as given to the scripts (colours by its classes)")
     parser.add_argument("--group-column", default=None, metavar="NAME", help="with --labels: its patient column")
     parser.add_argument("--max-images", type=positive_int, default=2000)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=non_negative_int, default=2)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return guarded(lambda: embed(parser.parse_args(argv)))
 

@@ -144,13 +144,30 @@ def build_encoder(arch: str) -> tuple[nn.Module, int]:
     return model, feature_dim
 
 
+@cache
+def check_input_size(arch: str, image_size: int) -> None:
+    """Refuse, before any data is listed, an architecture that cannot take `image_size` px images: one
+    forward pass of a tiny batch decides, whatever the model contains (a window or grid attention that
+    needs a multiple of its window, a stage that runs out of pixels), not its name."""
+    encoder, _ = build_encoder(arch)
+    try:
+        with torch.no_grad():
+            encoder.eval()(torch.zeros(2, 3, image_size, image_size))
+    except Exception as error:  # a model's own check is an assert, a shape error, a ValueError...
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        raise InputError(f"--arch {arch} cannot take {image_size} px images ({type(error).__name__}"
+                         f"{': ' + reason if reason else ''}); choose another --image-size or --arch") from None
+
+
 def local_weights(path: Path, arch: str) -> dict[str, torch.Tensor]:
     """A local state dict of the architecture (`--init-weights`: ImageNet weights saved beforehand; nothing is
-    downloaded), without its classifier."""
+    downloaded), without its classifier; checked to fit the architecture now, before any data is read."""
     state = load_checkpoint(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a state dict (a mapping of names to tensors)")
-    return {k: v for k, v in state.items() if not k.startswith(architecture(arch).classifier_prefix)}
+    weights = {k: v for k, v in state.items() if not k.startswith(architecture(arch).classifier_prefix)}
+    load_encoder(build_classifier(arch, 1), weights, path, arch)
+    return weights
 
 
 def load_encoder(model: nn.Module, encoder: dict[str, torch.Tensor], source: Path, arch: str) -> None:

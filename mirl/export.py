@@ -19,7 +19,7 @@ from mirl.augment import CENTRE_CROP, IMAGENET_MEAN, IMAGENET_STD, source_side
 from mirl.checkpoints import load_checkpoint, reading_state, save_checkpoint
 from mirl.edge import guarded
 from mirl.errors import CheckpointError
-from mirl.flags import OneLineParser
+from mirl.flags import OneLineParser, image_size
 from mirl.imaging import BRAIN_WINDOW, SOFT_TISSUE_WINDOW, SUBDURAL_WINDOW
 from mirl.models import architecture, build_encoder, known_architecture
 from mirl.run_files import atomic_write_text, prepare_output_dir
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m mirl.export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="a pretraining or downstream checkpoint.pth")
     parser.add_argument("--out", type=Path, required=True, help="folder for encoder.pth and preprocessing.json")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's")
+    parser.add_argument("--image-size", type=image_size, default=None, help="default: the checkpoint's")
     args = parser.parse_args(argv)
     return guarded(lambda: export(args.checkpoint, args.out, args.image_size))
 

@@ -35,6 +35,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+SEED_LIMIT = 2 ** 32  # numpy's generators take seeds below this
+
+
+def random_seed(text: str) -> int:
+    """A random seed every generator MIRL seeds accepts: 0 to 2**32 - 1."""
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {SEED_LIMIT - 1}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -72,4 +83,12 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def momentum(text: str) -> float:
+    """An exponential moving average's rate: the share of the old value kept at each step, in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:  # NaN fails both comparisons
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text}")
     return value

@@ -49,6 +49,8 @@ class MethodSpec:
     build: Callable[[str, Options, int, int], nn.Module]
     add_flags: Callable[[argparse.ArgumentParser], None] = no_flags
     prepare: Callable[[Options, int], dict[str, object]] = field(default=no_preparation)
+    # the options `prepare` settles (their requested value may be None): a resumed run compares them once settled
+    settled_options: tuple[str, ...] = ()
     # trains on the labels of a fraction's split too when a run asks (`--supervised`, its flags added by add_flags)
     label_aware: bool = False
     # what a paper-scale run sets where the data would otherwise settle it (MoCo's K = 65,536): the benchmark's

@@ -24,7 +24,7 @@ from mirl.distributed import (
 )
 from mirl.encoders import STOCHASTIC_LAYERS, build_encoder, projection_head
 from mirl.errors import InputError
-from mirl.flags import positive_float, positive_int
+from mirl.flags import momentum, positive_float, positive_int
 from mirl.method_spec import MethodSpec, Options
 from mirl.runtime import full_precision
 from mirl.splits import FRACTIONS
@@ -397,7 +397,7 @@ def moco_flags(parser: argparse.ArgumentParser, temperature: float) -> None:
     parser.add_argument("--queue-size", type=positive_int, default=None,
                         help="MoCo's K negatives (default: the largest power of two <= images / 4, at most "
                              "65536; must be smaller than the number of images)")
-    parser.add_argument("--moco-momentum", type=float, default=0.999, help="key encoder momentum m")
+    parser.add_argument("--moco-momentum", type=momentum, default=0.999, help="key encoder momentum m")
     parser.add_argument("--bn-splits", type=positive_int, default=8,
                         help="BatchNorm groups standing in for shuffle-BN on one device")
     parser.add_argument("--supervised", action="store_true",
@@ -420,9 +420,10 @@ def build_moco(head: str, arch: str, options: Options, label_dim: int, total_ste
 MOCO_METHOD = MethodSpec("moco", "MoCo", "trainMoCo.py", schedule="step", optimizer="sgd", lr_per_256=0.03,
                          weight_decay=1e-4, warmup_epochs=0, epochs=200, recipes=("moco", "moco"),
                          build=partial(build_moco, "linear"), add_flags=partial(moco_flags, temperature=0.07),
-                         prepare=settle_queue_size, label_aware=True, paper_options={"queue_size": MAX_QUEUE})
+                         prepare=settle_queue_size, settled_options=("queue_size",), label_aware=True,
+                         paper_options={"queue_size": MAX_QUEUE})
 MOCOV2_METHOD = MethodSpec("mocov2", "MoCo v2", "trainMoCoV2.py", schedule="cosine", optimizer="sgd",
                            lr_per_256=0.03, weight_decay=1e-4, warmup_epochs=0, epochs=200,
                            recipes=("mocov2", "mocov2"), build=partial(build_moco, "mlp"),
                            add_flags=partial(moco_flags, temperature=0.2), prepare=settle_queue_size,
-                           label_aware=True, paper_options={"queue_size": MAX_QUEUE})
+                           settled_options=("queue_size",), label_aware=True, paper_options={"queue_size": MAX_QUEUE})

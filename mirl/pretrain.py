@@ -14,10 +14,10 @@ import torch.nn as nn
 from mirl import distributed
 from mirl.augment import BatchAugment, recipe_for
 from mirl.cache import open_cache
-from mirl.checkpoints import CHECKPOINT_NAME, check_same_run, reading_state
-from mirl.config import PretrainConfig
+from mirl.checkpoints import CHECKPOINT_NAME, check_same_run, file_digest, reading_state
+from mirl.config import PretrainConfig, identity_digest
 from mirl.datasets import DatasetDescription, DecodedImages, ImageDataset, ImageRecord
-from mirl.encoders import architecture, local_weights, start_encoders_from
+from mirl.encoders import check_input_size, local_weights, start_encoders_from
 from mirl.errors import InputError
 from mirl.loaders import make_loader
 from mirl.models import METHODS, MethodSpec
@@ -119,17 +119,27 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float)
     return torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=weight_decay, fused=True)
 
 
-def settled_config(method: MethodSpec, config: PretrainConfig, resumed: dict | None) -> PretrainConfig:
+def settled_config(method: MethodSpec, config: PretrainConfig, resumed: dict | None,
+                   description: DatasetDescription) -> PretrainConfig:
     """The run as it will train: the architecture (a resumed state's when none is asked for), epochs,
-    optimizer and learning rate (the method's where none is given) and the method's options completed."""
+    optimizer, learning rate and augmentation family (the method's and the dataset's where none is given)
+    and the method's options completed. An architecture that cannot take the image size is refused here,
+    before the data is listed."""
     if config.supervised and not method.label_aware:
         raise InputError(f"{method.title} has no label-aware form; --supervised exists for "
                          f"{', '.join(spec.title for spec in METHODS.values() if spec.label_aware)}")
     arch = config.arch or (resumed.get("arch") if resumed is not None else None) or "resnet50"
-    architecture(arch)  # one MIRL can build, or an input error now, before the data is listed
+    check_input_size(arch, config.image_size)
     return replace(config, arch=arch, epochs=config.epochs or method.epochs,
                    optimizer=config.optimizer or method.optimizer, lr=learning_rate(method, config),
-                   options=method.options(config.options))
+                   augment=config.augment or description.augment, options=method.options(config.options))
+
+
+def pretraining_identity(description: DatasetDescription, run: PretrainConfig) -> dict[str, object]:
+    """The run identity of a settled pretraining config: its fields, the dataset, the number of processes
+    (the global batch) and the hash of the weights it starts from (`--init-weights`) instead of their path."""
+    return {**run.identity(), "dataset": description.name, "world_size": distributed.world_size(),
+            "init_weights": file_digest(run.init_weights) if run.init_weights is not None else None}
 
 
 def pair_loader(description: DatasetDescription, run: PretrainConfig, records: list[ImageRecord], label_dim: int,
@@ -153,21 +163,18 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     device = resolve_device(config.device)
     distributed.init_from_environment(device)  # first: the run's identity holds the world size
     store, resume_from, resumed = open_run(config.output_dir, config.keep, publish=True, resume=config.resume)
-    run = settled_config(method, config, resumed)
-    identity = {"method": method.name, "dataset": description.name, "arch": run.arch,
-                "batch_size": run.batch_size, "image_size": run.image_size, "world_size": distributed.world_size(),
-                "supervised_fraction": run.fraction if run.supervised else None,
-                # the schedule follows from these: a resumed run with others would silently train another one
-                "lr": run.lr, "epochs": run.epochs, "positives": run.positives}
+    run = settled_config(method, config, resumed, description)
+    identity = pretraining_identity(description, run)
     if resumed is not None:  # before listing the data: a state of another run is refused at once
-        check_same_run(resumed, identity, resume_from)
+        check_same_run(resumed, {k: v for k, v in identity.items() if k not in method.settled_options},
+                       resume_from)
     precision = resolve_precision(run.precision, device)
     # read before listing the data, so a bad file stops the run at once; a resumed run has its own weights
     initial = local_weights(run.init_weights, run.arch) if run.init_weights is not None and resumed is None else None
     records, monitor_sets, held_out = pretraining_records(description, run)
     settled = method.prepare(run.options, len(records))  # what follows from the number of images (MoCo's K)
     run = replace(run, options={**run.options, **settled})
-    identity.update(settled)
+    identity = {**identity, **settled}
     if resumed is not None:
         check_same_run(resumed, settled, resume_from)
 
@@ -193,19 +200,20 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     optimizer = build_optimizer(model, run.optimizer, run.lr, method.weight_decay)
     warmup = min(method.warmup_epochs * len(loader), total_steps // 10)
     scheduler = build_scheduler(optimizer, method.schedule, total_steps, warmup)
-    style = run.augment or description.augment
-    augments = [BatchAugment(recipe_for(recipe, style), run.image_size) for recipe in method.recipes]
+    augments = [BatchAugment(recipe_for(recipe, run.augment), run.image_size) for recipe in method.recipes]
 
     log = RunLog(run.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
-    record = {**run.flags(), "flags": config.flags(), "method": method.name, "dataset": description.name,
+    record = {**run.flags(), "flags": config.flags(), "script": config.script, "method": method.name,
+              "dataset": description.name,
               "images": len(records),
               "images_with_a_partner": sum(map(bool, partners)) if partners is not None else None,
-              "device": str(device), "precision": precision_name(precision), "augment": style,
+              "device": str(device), "precision": precision_name(precision),
               "world_size": distributed.world_size(), "resumed_from": resume_from,
               # the schedule as it runs: the rate above is the one used (--lr, else lr_per_256 x global batch / 256)
               "lr_per_256": method.lr_per_256, "weight_decay": method.weight_decay, "schedule": method.schedule,
               "steps": total_steps, "warmup_steps": warmup, "software": provenance(),
-              "labelled_images": sum(bool(r.labels.any()) for r in records) if run.supervised else 0}
+              "labelled_images": sum(bool(r.labels.any()) for r in records) if run.supervised else 0,
+              "identity": identity, "run_id": identity_digest(identity)}
     log.json("config.json", record)
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -224,7 +232,7 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     def snapshot() -> dict:
         return {"method": method.name, "arch": run.arch, "dataset": description.name, "run": identity,
                 "image_size": run.image_size,
-                "supervised_fraction": identity["supervised_fraction"],
+                "supervised_fraction": run.fraction if run.supervised else None,
                 # what the encoder was pretrained on, so downstream runs on other data or splits are refused
                 "data": {"root": str(run.data_root), "labels": str(run.labels) if run.labels else None,
                          "test_split": held_out, "init_weights": str(run.init_weights) if run.init_weights else None},

@@ -28,6 +28,8 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from mirl.flags import positive_int, random_seed
+
 RSNA_SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 BLOOD_HU = 75.0
 SKULL_INNER = 0.9  # normalised radius of the skull's inner surface
@@ -363,11 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mirl.sample_data", description=__doc__.splitlines()[0])
     parser.add_argument("dataset", choices=sorted(WRITERS))
     parser.add_argument("--out", type=Path, required=True, help="folder to write the dataset into")
-    parser.add_argument("--patients", type=int, default=None,
+    parser.add_argument("--patients", type=positive_int, default=None,
                         help="patients (RSNA studies, ISIC lesions); default 80, ACDC 25")
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels; default 256, ISIC 128, ACDC 64")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--size", type=positive_int, default=None, help="image side in pixels; default 256, ISIC 128, ACDC 64")
+    parser.add_argument("--seed", type=random_seed, default=0)
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="processes writing RSNA's DICOMs (the same files for any number)")
     args = parser.parse_args(argv)
     default_patients, default_size = DEFAULT_SIZES[args.dataset]

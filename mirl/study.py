@@ -18,22 +18,29 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from scipy import stats
 
 from mirl.augment import MODALITY_RECIPES
 from mirl.cli import bound_dataset
-from mirl.config import DownstreamConfig, PretrainConfig, RunConfig
+from mirl.checkpoints import CheckpointStore, newest_intact_state
+from mirl.config import (
+    DownstreamConfig,
+    PretrainConfig,
+    RunConfig,
+    describe_differences,
+    identity_differences,
+)
 from mirl.datasets import DATASETS, DatasetDescription
-from mirl.downstream import downstream
+from mirl.downstream import downstream, downstream_identity
 from mirl.edge import StudyStopped, guarded
+from mirl.errors import InputError
 from mirl.encoders import architecture_name
-from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_int
+from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_int, random_seed
 from mirl.metrics import primary_metric, reported_metrics
 from mirl.models import METHODS
-from mirl.pretrain import pretrain
+from mirl.pretrain import pretrain, pretraining_identity, settled_config
 from mirl.splits import FRACTIONS
 
 SUPERVISED = "supervised"
@@ -111,7 +118,8 @@ def result_rows(runs: list[Run], out: Path, dataset: str) -> list[dict]:
     for run in runs:
         metrics = json.loads((out / "runs" / run.name / "metrics.json").read_text())
         row = {"dataset": dataset, "method": run.method, "mode": run.mode, "fraction": run.fraction,
-               "seed": run.seed, "column": run.column, "best_epoch": metrics["best_epoch"]}
+               "seed": run.seed, "column": run.column, "run_id": metrics.get("run_id"),
+               "best_epoch": metrics["best_epoch"]}
         for split in ("test", "val"):
             for name, value in metrics[split].items():
                 if isinstance(value, dict):
@@ -229,10 +237,44 @@ def plot(rows: list[dict], description: DatasetDescription, columns: list[str], 
     figure.savefig(path, dpi=150)
 
 
-def pretrained_epochs(checkpoint: Path) -> int:
-    if not checkpoint.is_file():
-        return 0
-    return int(torch.load(checkpoint, map_location="cpu", weights_only=True).get("epoch", 0))
+def recorded_pretraining(folder: Path) -> tuple[dict | None, int]:
+    """The run identity a pretraining folder's newest intact state records, and the epochs it finished (None,
+    0 when nothing was trained there); a damaged newest state is passed over for the one before, as a
+    resumed run does."""
+    _, state = newest_intact_state(CheckpointStore(folder, keep=1, publish=True))
+    if state is None:
+        return None, 0
+    identity = state.get("run") if isinstance(state, dict) else None
+    return (identity if isinstance(identity, dict) else {}), int(state.get("epoch", 0))
+
+
+def recorded_run(folder: Path) -> dict:
+    """The run identity a finished downstream run's metrics.json records ({} from an older MIRL)."""
+    try:
+        identity = json.loads((folder / "metrics.json").read_text()).get("identity")
+    except (OSError, ValueError, AttributeError) as error:
+        raise InputError(f"{folder / 'metrics.json'} cannot be read ({type(error).__name__}); remove {folder} to "
+                         "run it again") from None
+    return identity if isinstance(identity, dict) else {}
+
+
+def refuse_other_settings(folder: Path, recorded: dict, expected: dict) -> None:
+    """Stop the study in one line when a run it would reuse was made with other settings: its numbers would
+    be published beside this study's under one column."""
+    differing = identity_differences(recorded, expected)
+    if differing:
+        raise InputError(f"{folder} was made with other settings than this study asks for "
+                         f"({describe_differences(recorded, expected, differing)}); use another --output-dir, or the "
+                         "settings it was made with")
+
+
+def refuse_repeats(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A value given twice in a list flag would count one run twice (`--seeds 0 0`: n=2, a zero-width interval)."""
+    for name in ("fractions", "methods", "modes", "seeds"):
+        values = getattr(args, name)
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            parser.error(f"--{name}: {', '.join(repeated)} given more than once")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="columns to run (default: every method, the supervised baseline and the random-encoder "
                              "probe; moco_efficient, moco_super and mocov2_super add the published table's others)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=random_seed, nargs="+", default=[0])
     parser.add_argument("--pretrain-seeds", action="store_true",
                         help="pretrain once per seed too, so the intervals over seeds include pretraining's "
                              "variance (default: one pretraining per method, seeded by the first seed)")
@@ -257,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--downstream-epochs", type=positive_int, default=None, help="default: the scripts'")
     parser.add_argument("--batch-size", type=batch_size, default=256, help="pretraining batch")
     parser.add_argument("--downstream-batch-size", type=batch_size, default=None, help="default: --batch-size")
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--workers", type=non_negative_int, default=None)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--augment", choices=sorted(MODALITY_RECIPES), default=None,
                         help="the pretraining views' recipe family (default: the dataset's, as the scripts')")
@@ -269,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-column", default=None, metavar="NAME",
                         help="with --labels: the column naming each image's patient (splits keep patients together)")
     args = parser.parse_args(argv)
+    refuse_repeats(parser, args)
     return guarded(lambda: run_study(args))
 
 
@@ -291,26 +334,65 @@ def run_study(args: argparse.Namespace) -> None:
     def pretrained_seed(seed: int) -> int | None:
         return seed if args.pretrain_seeds else None
 
+    def pretraining_key(run: Run) -> tuple[str, int | None, int | None]:
+        """Which pretraining a run starts from: its variant's, per fraction when label-aware, per seed with
+        --pretrain-seeds."""
+        return run.method, run.fraction if VARIANTS[run.method].label_aware else None, pretrained_seed(run.seed)
+
     runs = plan(args.methods, args.modes, args.fractions, args.seeds)
-    # only what an unfinished run needs: a study continued after its last run of a method pretrains nothing more
-    pretrainings = dict.fromkeys((r.method, r.fraction if VARIANTS[r.method].label_aware else None,
-                                  pretrained_seed(r.seed)) for r in runs
-                                 if r.method not in UNPRETRAINED and not (out / "runs" / r.name / "metrics.json").is_file())
-    for variant_name, fraction, seed in pretrainings:
-        variant = VARIANTS[variant_name]
-        checkpoint = pretraining_dir(out, variant_name, fraction, seed) / "checkpoint.pth"
-        wanted = args.epochs or METHODS[variant.method].epochs
-        if pretrained_epochs(checkpoint) >= wanted:
-            print(f"reusing {checkpoint}")
+    pretraining_configs = {}  # pretraining_key: its config
+    for run in runs:
+        if run.method in UNPRETRAINED:
             continue
-        spec = METHODS[variant.method]
-        queue = {"queue_size": args.queue_size} if args.queue_size and "queue_size" in spec.option_defaults() else {}
-        config = PretrainConfig(method=variant.method, output_dir=checkpoint.parent, batch_size=args.batch_size,
-                                arch=variant.arch or args.arch, epochs=wanted,
-                                seed=args.seeds[0] if seed is None else seed,
-                                supervised=variant.label_aware, fraction=fraction or 100, augment=args.augment,
-                                options=queue, **shared)
-        run_or_stop(lambda: pretrain(description, config))
+        key = pretraining_key(run)
+        if key not in pretraining_configs:
+            variant, seed = VARIANTS[run.method], key[2]
+            spec = METHODS[variant.method]
+            queue = {"queue_size": args.queue_size} if args.queue_size and "queue_size" in spec.option_defaults() else {}
+            pretraining_configs[key] = PretrainConfig(
+                method=variant.method, output_dir=pretraining_dir(out, run.method, run.fraction, seed),
+                batch_size=args.batch_size, arch=variant.arch or args.arch, epochs=args.epochs or spec.epochs,
+                seed=args.seeds[0] if seed is None else seed, supervised=variant.label_aware,
+                fraction=key[1] or 100, augment=args.augment, options=queue, **shared)
+
+    def downstream_config(run: Run) -> DownstreamConfig:
+        if run.method in UNPRETRAINED:  # a torchvision network from random weights
+            method, encoder = "moco", {"arch": args.arch, "resnet": True}
+        else:
+            variant = VARIANTS[run.method]
+            method = variant.method
+            encoder = {"arch": variant.arch or args.arch, "pretrained": pretraining_dir(
+                out, run.method, run.fraction, pretrained_seed(run.seed)) / "checkpoint.pth"}
+        return DownstreamConfig(method=method, output_dir=out / "runs" / run.name, epochs=args.downstream_epochs,
+                                batch_size=args.downstream_batch_size or args.batch_size,
+                                frozen=run.mode == "frozen", fraction=run.fraction, seed=run.seed, **encoder, **shared)
+
+    # only what an unfinished run needs: a study continued after its last run of a method pretrains nothing more
+    unfinished = [r for r in runs if not (out / "runs" / r.name / "metrics.json").is_file()]
+    needed = {pretraining_key(r) for r in unfinished if r.method not in UNPRETRAINED}
+    # Before any training: every run and pretraining this study would reuse must be the one it asks for.
+    for run in runs:
+        if run not in unfinished:
+            run_dir = out / "runs" / run.name
+            refuse_other_settings(run_dir, recorded_run(run_dir), downstream_identity(description, downstream_config(run)))
+    trained = set()  # pretrainings already trained to their epochs
+    for key in needed:
+        config = pretraining_configs[key]
+        spec = METHODS[config.method]
+        recorded, epochs = recorded_pretraining(config.output_dir)
+        if recorded is None:
+            continue
+        expected = pretraining_identity(description, settled_config(spec, config, None, description))
+        refuse_other_settings(config.output_dir, recorded,
+                              {k: v for k, v in expected.items() if k not in spec.settled_options or v is not None})
+        if epochs >= config.epochs:
+            trained.add(key)
+
+    for key, config in pretraining_configs.items():
+        if key in trained:
+            print(f"reusing {config.output_dir / 'checkpoint.pth'}")
+        elif key in needed:
+            run_or_stop(lambda: pretrain(description, config))
 
     for number, run in enumerate(runs, 1):
         run_dir = out / "runs" / run.name
@@ -318,15 +400,7 @@ def run_study(args: argparse.Namespace) -> None:
             print(f"[{number}/{len(runs)}] {run.name}: done before, skipped")
             continue
         print(f"[{number}/{len(runs)}] {run.name}")
-        if run.method in UNPRETRAINED:  # a torchvision network from random weights
-            method, encoder = "moco", {"arch": args.arch, "resnet": True}
-        else:
-            method = VARIANTS[run.method].method
-            encoder = {"pretrained": pretraining_dir(out, run.method, run.fraction, pretrained_seed(run.seed)) /
-                       "checkpoint.pth"}
-        config = DownstreamConfig(method=method, output_dir=run_dir, epochs=args.downstream_epochs,
-                                  batch_size=args.downstream_batch_size or args.batch_size,
-                                  frozen=run.mode == "frozen", fraction=run.fraction, seed=run.seed, **encoder, **shared)
+        config = downstream_config(run)
         run_or_stop(lambda: downstream(description, config))
 
     rows = result_rows(runs, out, description.name)

@@ -49,9 +49,10 @@ def test_each_method_completes_its_options_and_refuses_one_it_lacks(method):
 
 
 def test_label_aware_pretraining_is_refused_for_a_method_without_it():
+    from mirl.datasets import RSNA
     from mirl.pretrain import settled_config
     config = PretrainConfig(method="simclr", data_root=Path("d"), output_dir=Path("o"), split_dir=Path("s"),
                             supervised=True)
     with pytest.raises(InputError, match="SimCLR has no label-aware form"):
-        settled_config(METHODS["simclr"], config, None)
-    assert settled_config(METHODS["moco"], dataclasses.replace(config, method="moco"), None).supervised
+        settled_config(METHODS["simclr"], config, None, RSNA)
+    assert settled_config(METHODS["moco"], dataclasses.replace(config, method="moco"), None, RSNA).supervised

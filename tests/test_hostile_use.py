@@ -465,7 +465,7 @@ def test_a_config_of_another_script_is_one_line(finished, tmp_path, capsys):
         run_entry(capsys, "RSNA_MoCo", "trainSimCLR.py", "--config", finished / "config.json")
     assert stopped.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "mocov2 run on rsna" in lines[0] and "simclr" in lines[0]
+    assert len(lines) == 1 and "written by rsna/trainMoCoV2.py" in lines[0] and "trainSimCLR.py" in lines[0]
 
 
 @pytest.mark.slow

@@ -44,6 +44,18 @@ def test_tiny_study_writes_tables_csv_and_plot_then_resumes(rsna_root, tmp_path,
     assert "reusing" not in second  # every run is done: no pretraining is even looked at
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*.pth")}  # nothing retrained
 
+    # the same folder with other settings: refused in one line before any training, nothing mixed or changed
+    other = [{"32": "48", "resnet18": "resnet50"}.get(a, a) for a in argv]
+    assert study.main(other) == 2
+    refusal = capsys.readouterr().err.strip().splitlines()
+    assert len(refusal) == 1 and "other settings" in refusal[0] and "image_size 32 -> 48" in refusal[0]
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*.pth")}
+    # a damaged newest pretraining state (a copy cut short): the study passes over it to the intact one before it
+    states = out / "pretrain" / "mocov2" / "checkpoints"
+    (states / "state-e0009-b000000.pth").write_bytes((states / "state-e0001-b000000.pth").read_bytes()[:1000])
+    assert study.main([*argv, "--fractions", "20"]) == 0  # a new fraction needs the pretraining again
+    assert "trying the older" in capsys.readouterr().err
+
     picture = tmp_path / "tsne.png"
     assert embed.main([str(out / "pretrain" / "mocov2" / "checkpoint.pth"), "--data-root", str(rsna_root),
                        "--split-dir", str(out / "splits"), "--out", str(picture),  # at the checkpoint's 32 px
