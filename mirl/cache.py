@@ -106,7 +106,10 @@ def build_cache(records: list[ImageRecord], image_size: int, folder: Path, worke
                                            shape=(len(records), 3, source_side(image_size), source_side(image_size)))
         readable = np.zeros(len(records), dtype=bool)
         unlabelled = [replace(r, labels=None) for r in records]  # pixels only: labels live in the readers
-        loader = DataLoader(ImageDataset(unlabelled, image_size, num_classes=0), batch_size=64, num_workers=workers)
+        # a generator of its own: the loader's worker seeds must not come from the global stream, which a run
+        # has seeded for its training (the same seed gives the same weights whether or not the cache was built)
+        loader = DataLoader(ImageDataset(unlabelled, image_size, num_classes=0), batch_size=64, num_workers=workers,
+                            generator=torch.Generator().manual_seed(0))
         row = 0
         for batch, _, ok in progress(loader, desc=f"decoding into {folder.name}", unit="batch"):
             images[row:row + len(batch)] = batch.numpy()
@@ -136,14 +139,14 @@ def open_cache(description: DatasetDescription, root: Path, image_size: int, cac
     folder = cache_root / f"{description.name}-{image_size}px-{cache_key(description, records, image_size)}"
     cache = None
     if distributed.is_main_process():
-        cache = intact_cache(folder, len(records))
-        if cache is None:
-            try:
+        try:
+            cache = intact_cache(folder, len(records))
+            if cache is None:
                 cache_root.mkdir(parents=True, exist_ok=True)
                 build_cache(records, image_size, folder, workers)
-            except OSError as error:
-                raise OutputError(f"--cache {cache_root} cannot be written ({error.strerror or type(error).__name__})"
-                                  ) from None
+        except OSError as error:  # a folder of someone else's, a read-only or full disk
+            raise OutputError(f"--cache {cache_root} cannot be written or read "
+                              f"({error.strerror or type(error).__name__})") from None
     distributed.barrier()
     return cache or DecodedImageCache(folder)
 

@@ -8,6 +8,7 @@ inside the epoch and every random generator of every rank.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -54,7 +55,15 @@ def save_checkpoint(payload: dict, path: Path) -> None:
     if not is_main_process():
         return
     with writing(path) as tmp, open(tmp, "wb") as f:
-        torch.save(payload, f)
+        try:
+            torch.save(payload, f)
+        except RuntimeError as error:
+            # torch's zip writer reports a failed write (a full disk, a quota) as a RuntimeError ("unexpected
+            # pos"), which would escape `writing` and leave the partial file filling the disk
+            full = shutil.disk_usage(tmp.parent).free < 2 ** 20
+            raise OSError(errno.ENOSPC if full else errno.EIO,
+                          "no space left on the device" if full else f"torch.save failed: {str(error)[:120]}"
+                          ) from None
         f.flush()
         os.fsync(f.fileno())
 
@@ -139,9 +148,6 @@ class CheckpointStore:
             self._publish(path)
         for old in self.states()[:-self.keep]:
             old.unlink()
-        for leftover in self.folder.glob("*.tmp"):  # from a write that a kill interrupted
-            if not leftover.name.endswith(f".{os.getpid()}.tmp"):
-                leftover.unlink(missing_ok=True)
         return path
 
     def _publish(self, state: Path) -> None:
@@ -151,6 +157,16 @@ class CheckpointStore:
                 os.link(state, tmp)
             except OSError:  # a file system without hard links: copy instead
                 shutil.copyfile(state, tmp)
+
+    def remove_leftovers(self) -> None:
+        """Delete the temporary files of writes that a kill or a full disk interrupted: they are never states,
+        and they hold the room the next save needs. Only the run holding the output dir's lock calls this."""
+        if not is_main_process():
+            return
+        for folder in (self.output_dir, self.folder):
+            if folder.is_dir():
+                for leftover in folder.glob("*.tmp"):
+                    leftover.unlink(missing_ok=True)
 
     def check_room(self, state_bytes: int) -> None:
         """Refuse, before training, a disk without room for the states this run keeps (and the one being

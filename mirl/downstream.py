@@ -27,7 +27,7 @@ from mirl.checkpoints import (
     save_checkpoint,
 )
 from mirl.config import DownstreamConfig, identity_digest
-from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
+from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord, image_kinds
 from mirl.encoders import check_input_size, load_encoder, local_weights
 from mirl.errors import CheckpointError, InputError
 from mirl.inference import predict
@@ -258,6 +258,8 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
     train, val, test = labelled_splits(description, run)
     check_pretraining_data(run, pretraining_data, test)
 
+    # the cache first: building it must not move the random streams that the seed sets for training
+    cache = open_cache(description, run.data_root, run.image_size, run.cache, run.workers) if run.cache else None
     seed_everything(run.seed, run.deterministic)
     classes = description.classes
     family = architecture(run.arch)
@@ -280,8 +282,6 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
     network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if distributed.is_distributed() else model
     optimizer = classifier_optimizer(model, run, probe_lrs, pretrained=encoder is not None)
-
-    cache = open_cache(description, run.data_root, run.image_size, run.cache, run.workers) if run.cache else None
 
     def dataset(split: list[ImageRecord]) -> ImageDataset:
         return ImageDataset(split, run.image_size, len(classes), cache)
@@ -385,7 +385,7 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
         if results["test"].get(name) is not None:
             log.scalar(f"test/{name}", results["test"][name], best.get("step", log.step))
     save_checkpoint({"method": record["method"], "mode": mode, "arch": run.arch, "dataset": description.name,
-                     "image_size": run.image_size, "run": identity,
+                     "image_size": run.image_size, "run": identity, "image_kinds": image_kinds([*train, *val, *test]),
                      "classes": list(classes), "model": model.state_dict(), "best_epoch": best["epoch"]},
                     run.output_dir / CHECKPOINT_NAME)
     log.hparams({**run.flags(), "mode": mode, "selected_lr": best["lr"]},

@@ -24,17 +24,25 @@ from mirl.imaging import BRAIN_WINDOW, SOFT_TISSUE_WINDOW, SUBDURAL_WINDOW
 from mirl.models import architecture, build_encoder, known_architecture
 from mirl.run_files import atomic_write_text, prepare_output_dir
 
-# How each dataset's reader turns a file into an H x W x 3 uint8 image.
+# What MIRL's one reader (`mirl.datasets.decode_record`) does to each kind of file, whatever the dataset.
 DECODING = {
-    "rsna": {"reader": "DICOM (pydicom)", "values": "Hounsfield units: stored value x RescaleSlope + RescaleIntercept",
-             "channels": [{"window": name, "centre": centre, "width": width}
-                          for name, (centre, width) in (("brain", BRAIN_WINDOW), ("subdural", SUBDURAL_WINDOW),
-                                                        ("soft tissue", SOFT_TISSUE_WINDOW))],
-             "to_uint8": "each window clipped to [centre - width / 2, centre + width / 2] and scaled to 0..255"},
-    "isic": {"reader": "JPEG or PNG photo (Pillow)", "channels": "R, G, B as stored"},
-    "acdc": {"reader": "NIfTI (nibabel), one 2-D slice of one frame",
-             "to_uint8": "each volume scaled from its 1st to its 99th intensity percentile to 0..255",
-             "channels": "the grey slice repeated three times"},
+    "dicom": {"reader": "DICOM (pydicom), its middle frame when multi-frame",
+              "grey CT": {"values": "Hounsfield units: stored value x RescaleSlope + RescaleIntercept",
+                          "channels": [{"window": name, "centre": centre, "width": width}
+                                       for name, (centre, width) in (("brain", BRAIN_WINDOW),
+                                                                     ("subdural", SUBDURAL_WINDOW),
+                                                                     ("soft tissue", SOFT_TISSUE_WINDOW))],
+                          "to_uint8": "each window clipped to [centre - width / 2, centre + width / 2] and "
+                                      "scaled to 0..255"},
+              "other grey": "scaled from its 1st to its 99th intensity percentile to 0..255 (MONOCHROME1 "
+                            "inverted), repeated to three channels",
+              "colour": "R, G, B scaled by their bit depth to 0..255"},
+    "photo": {"reader": "JPEG, PNG or TIFF (Pillow)", "colour or 8-bit grey": "R, G, B as stored (grey repeated)",
+              "grey deeper than 8 bits": "scaled from its 1st to its 99th percentile to 0..255, repeated to three "
+                                         "channels"},
+    "nifti": {"reader": "NIfTI (nibabel), one 2-D axial slice of one frame",
+              "to_uint8": "each volume scaled from its 1st to its 99th intensity percentile to 0..255",
+              "channels": "the grey slice repeated three times"},
 }
 
 
@@ -60,14 +68,19 @@ def checkpoint_image_size(fields: dict) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def preprocessing(dataset: str, image_size: int) -> dict:
-    """What an image goes through before the network, in MIRL's evaluation view."""
+def checkpoint_image_kinds(fields: dict) -> list[str]:
+    """The kinds of file the checkpoint's images were read from (every kind, for an older MIRL's checkpoint)."""
+    kinds = fields.get("image_kinds", (fields.get("data") or {}).get("image_kinds"))
+    return [k for k in kinds if k in DECODING] if isinstance(kinds, list) else sorted(DECODING)
+
+
+def preprocessing(kinds: list[str], image_size: int) -> dict:
+    """What an image goes through before the network, in MIRL's evaluation view: the decoding of each kind
+    of file the run read, then the geometry and normalisation."""
     source = source_side(image_size)
     crop = round(source * CENTRE_CROP)
     return {
-        "decoding": DECODING.get(dataset, {"reader": "PNG/JPEG photo, DICOM or NIfTI slice",
-                                           "to_uint8": "grey-scale images scaled from their 1st to 99th "
-                                                       "percentile to 0..255 and repeated to three channels"}),
+        "decoding": {kind: DECODING[kind] for kind in kinds},
         "geometry": {"source": f"shorter side resized to {source} px, longer side centre-cropped to a square",
                      "centre_crop_fraction": CENTRE_CROP, "input_size": image_size},
         "normalisation": {"scale": "uint8 / 255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
@@ -89,7 +102,7 @@ def export(checkpoint: Path, out: Path, image_size: int | None) -> None:
     record = {"arch": fields["arch"], "method": fields.get("method"), "dataset": dataset,
               "source_checkpoint": str(checkpoint.resolve()), "load": f"torchvision.models.{fields['arch']}()"
               ".load_state_dict(torch.load('encoder.pth', weights_only=True), strict=False): only the "
-              "classifier is missing", **preprocessing(dataset, size)}
+              "classifier is missing", **preprocessing(checkpoint_image_kinds(fields), size)}
     atomic_write_text(out / "preprocessing.json", json.dumps(record, indent=2) + "\n")
     print(f"wrote {out / 'encoder.pth'} ({fields['arch']}) and {out / 'preprocessing.json'}")
 

@@ -215,6 +215,9 @@ def hounsfield_units(ds: pydicom.Dataset) -> np.ndarray:
         raise UnreadableImageError(f"expected a grey CT frame, got pixel shape {pixels.shape}")
     pixels = pixels.astype(np.float32)
     slope, intercept = ct_rescale(ds, frame)
+    if not (np.isfinite(slope) and slope != 0 and np.isfinite(intercept)):
+        # every pixel would be the intercept: a black (or NaN) slice that trains as if it were anatomy
+        raise UnreadableImageError(f"unusable RescaleSlope {slope:g} / RescaleIntercept {intercept:g}")
     broken_header = (
         header_number(ds, "BitsStored", 16) == 12
         and header_number(ds, "PixelRepresentation", 1) == 0

@@ -16,7 +16,7 @@ from mirl.augment import BatchAugment, recipe_for
 from mirl.cache import open_cache
 from mirl.checkpoints import CHECKPOINT_NAME, check_same_run, file_digest, reading_state
 from mirl.config import PretrainConfig, identity_digest
-from mirl.datasets import DatasetDescription, DecodedImages, ImageDataset, ImageRecord
+from mirl.datasets import DatasetDescription, DecodedImages, ImageDataset, ImageRecord, image_kinds
 from mirl.encoders import check_input_size, local_weights, start_encoders_from
 from mirl.errors import InputError
 from mirl.loaders import make_loader
@@ -172,16 +172,18 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     # read before listing the data, so a bad file stops the run at once; a resumed run has its own weights
     initial = local_weights(run.init_weights, run.arch) if run.init_weights is not None and resumed is None else None
     records, monitor_sets, held_out = pretraining_records(description, run)
+    kinds = image_kinds(records)  # the readers its images went through, for an export's preprocessing record
     settled = method.prepare(run.options, len(records))  # what follows from the number of images (MoCo's K)
     run = replace(run, options={**run.options, **settled})
     identity = {**identity, **settled}
     if resumed is not None:
         check_same_run(resumed, settled, resume_from)
 
+    # the cache first: building it must not move the random streams that the seed sets for training
+    cache = open_cache(description, run.data_root, run.image_size, run.cache, run.workers) if run.cache else None
     seed_everything(run.seed, run.deterministic)
     # label-aware MoCo: the label vectors gain a "no finding" class, and the queue keeps them
     queue_label_dim = len(description.classes) + 1 if run.supervised else 0
-    cache = open_cache(description, run.data_root, run.image_size, run.cache, run.workers) if run.cache else None
     loader, partners = pair_loader(description, run, records, queue_label_dim or len(description.classes), cache)
     total_steps = run.epochs * len(loader)
     model = prepare_network(method.build(run.arch, run.options, queue_label_dim, total_steps), device,
@@ -235,6 +237,7 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
                 "supervised_fraction": run.fraction if run.supervised else None,
                 # what the encoder was pretrained on, so downstream runs on other data or splits are refused
                 "data": {"root": str(run.data_root), "labels": str(run.labels) if run.labels else None,
+                         "image_kinds": kinds,
                          "test_split": held_out, "init_weights": str(run.init_weights) if run.init_weights else None},
                 "encoder": core.feature_encoder().state_dict(), "model": core.state_dict(),
                 "monitor": latest["monitor"], "config": {k: str(v) for k, v in record.items()}}

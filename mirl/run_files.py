@@ -37,6 +37,7 @@ def open_run(output_dir: Path, keep: int, publish: bool,
     prepare_output_dir(output_dir)
     lock_output_dir(output_dir)
     store = CheckpointStore(output_dir, keep, publish)
+    store.remove_leftovers()
     resume_from, resumed = resume_state(resume, store)
     return store, resume_from, resumed
 

@@ -128,8 +128,22 @@ def make_splits(description: DatasetDescription, records: list[ImageRecord], spl
         atomic_write_text(split_dir / f"{name}.txt", "".join(f"{records[i].image_id}\n" for i in indices))
 
 
+# what str.splitlines breaks a line at: an image id holding one cannot be one line of a split file
+LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def check_one_line_ids(records: list[ImageRecord]) -> None:
+    """Refuse, before any split is made, an image whose id (its file name) holds a line break: its split files
+    would not read back as written."""
+    for record in records:
+        if LINE_BREAKS.intersection(record.image_id):
+            raise DataError(f"the image file {ascii(str(record.path))} has a line break in its name, which a split "
+                            "file (one image per line) cannot hold; rename it")
+
+
 def load_splits(description: DatasetDescription, records: list[ImageRecord], split_dir: Path) -> dict[str, list[str]]:
     """The split files in `split_dir`, made from `records` on first use, checked against the data."""
+    check_one_line_ids(records)
     if not all((split_dir / name).is_file() for name in split_file_names()):
         make_splits(description, records, split_dir)
     known = {r.image_id for r in records}

@@ -18,8 +18,9 @@ def pretraining_checkpoint(tmp_path):
     torch.manual_seed(0)
     encoder, _ = build_encoder("resnet18")
     path = tmp_path / "checkpoint.pth"
-    torch.save({"method": "mocov2", "arch": "resnet18", "dataset": "rsna", "image_size": 32,
-                "encoder": encoder.state_dict()}, path)
+    # CT DICOMs pretrained from the ISIC folder's scripts: the decoding recorded is the reader's for DICOM
+    torch.save({"method": "mocov2", "arch": "resnet18", "dataset": "isic", "image_size": 32,
+                "data": {"image_kinds": ["dicom"]}, "encoder": encoder.state_dict()}, path)
     return path, encoder.eval()
 
 
@@ -40,7 +41,9 @@ def test_the_recorded_preprocessing_matches_mirls_evaluation_view(pretraining_ch
     main([str(path), "--out", str(tmp_path / "export")])
     record = json.loads((tmp_path / "export" / "preprocessing.json").read_text())
     assert record["geometry"]["input_size"] == 32 and record["arch"] == "resnet18"
-    assert [(c["centre"], c["width"]) for c in record["decoding"]["channels"]] == list(HEMORRHAGE_WINDOWS)
+    assert list(record["decoding"]) == ["dicom"]  # not ISIC's photos: the reader went by the files' kind
+    assert [(c["centre"], c["width"]) for c in record["decoding"]["dicom"]["grey CT"]["channels"]] == \
+        list(HEMORRHAGE_WINDOWS)
     # the stored image MIRL evaluates is the source square (2 x input side); a smooth one, so that the
     # two resampling orders (crop then shrink, shrink then crop) agree up to interpolation
     y, x = np.mgrid[0:64, 0:64]
@@ -59,3 +62,12 @@ def test_a_checkpoint_that_is_not_mirls_is_one_line(tmp_path, capsys):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pth")
     assert main([str(tmp_path / "other.pth"), "--out", str(tmp_path / "export")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_an_export_image_size_below_the_minimum_is_one_line(pretraining_checkpoint, tmp_path, capsys):
+    path, _ = pretraining_checkpoint
+    with pytest.raises(SystemExit) as stopped:
+        main([str(path), "--out", str(tmp_path / "export"), "--image-size", "-5"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "at least 32" in err[0] and not (tmp_path / "export").exists()

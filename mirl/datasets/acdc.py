@@ -21,7 +21,7 @@ def read_info_cfg(path: Path) -> dict[str, str]:
     A key repeated with the same value is fine; with another value it is an error naming both lines.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is no text
     except FileNotFoundError:
         raise DataError(f"{path} is missing; each patientXXX folder needs its Info.cfg") from None
     except UnicodeDecodeError:

@@ -95,7 +95,12 @@ def read_label_csv(csv_path: Path, root: Path, groups: dict[str, str] | None = N
         missing = group_cells.isna() & ~blank
         if missing.any():
             raise DataError(f"{csv_path} row {missing.idxmax() + 1}: column {group_column} is empty")
-        groups = dict(zip(raw.iloc[1:, 0][~blank], group_cells[~blank]))
+        groups = {}
+        for row, name, group in zip(raw.index[1:][~blank], raw.iloc[1:, 0][~blank], group_cells[~blank]):
+            if groups.setdefault(name, (group, row))[0] != group:
+                raise DataError(f"{csv_path} row {row + 1}: image {name} is in {group_column} {group!r} here but "
+                                f"{groups[name][0]!r} in row {groups[name][1] + 1}")
+        groups = {name: group for name, (group, _) in groups.items()}
     header = list(raw.iloc[0])
     if len(header) < 3:
         raise DataError(f"{csv_path} row 1: needs an image column and at least two class columns, found "
@@ -134,7 +139,12 @@ def read_label_csv(csv_path: Path, root: Path, groups: dict[str, str] | None = N
         if name not in files:
             raise DataError(f"{csv_path} row {rows[position]}: image {name} has no PNG, JPEG or DICOM file "
                             f"under {root}")
-        records.append(ImageRecord(name, files[name], values[position].astype(np.float32), (groups or {}).get(name)))
+        if len(files[name]) > 1:
+            shown = ", ".join(str(p.relative_to(root)) for p in files[name][:3])
+            raise DataError(f"{csv_path} row {rows[position]}: image {name} names {len(files[name])} files under "
+                            f"{root} ({shown}); rename all but one")
+        records.append(ImageRecord(name, files[name][0], values[position].astype(np.float32),
+                                   (groups or {}).get(name)))
     multilabel = bool((values[kept].sum(axis=1) != 1).any())
     return records, classes, multilabel
 

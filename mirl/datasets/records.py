@@ -2,6 +2,7 @@
 one torch Dataset that reads pixels of every format."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -39,12 +40,23 @@ class ImageRecord:
 
 def decode_record(record: ImageRecord) -> np.ndarray:
     """The record's pixels as H x W x 3 uint8, whatever the file format."""
-    suffix = image_suffix(record.path)
-    if suffix in NIFTI_SUFFIXES:
+    kind = image_kind(record.path)
+    if kind == "nifti":
         return read_nifti_slice(record.path, *record.index)
-    if suffix in DICOM_SUFFIXES:
+    if kind == "dicom":
         return read_dicom_image(record.path)
     return read_photo(record.path)
+
+
+def image_kind(path: Path) -> str:
+    """Which reader `decode_record` gives a file: "nifti", "dicom" or "photo"."""
+    suffix = image_suffix(path)
+    return "nifti" if suffix in NIFTI_SUFFIXES else "dicom" if suffix in DICOM_SUFFIXES else "photo"
+
+
+def image_kinds(records: list[ImageRecord]) -> list[str]:
+    """The readers a run's images went through (what an exported encoder's preprocessing must repeat)."""
+    return sorted({image_kind(r.path) for r in records})
 
 
 def record_group(record: ImageRecord) -> str:
@@ -77,29 +89,41 @@ class DatasetDescription:
 
 
 def find_images(root: Path) -> list[ImageRecord]:
-    """Every PNG, JPEG, DICOM and NIfTI slice under a folder, unlabelled; ids are relative paths."""
-    records = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    """Every PNG, JPEG, DICOM and NIfTI slice under a folder, unlabelled; ids are relative paths.
+
+    What cannot be listed is not left out silently: a volume whose header cannot be read, or a sub-folder
+    that cannot be opened, becomes one record that reads as unreadable, so training skips it and lists it
+    with its reason in skipped.csv, as any unreadable image."""
+    records, unopened = [], []
+    files = []
+    for folder, subfolders, names in os.walk(root, onerror=lambda error: unopened.append(Path(error.filename))):
+        subfolders.sort()
+        files += [Path(folder) / name for name in names]
+    for path in sorted([*files, *unopened]):
         suffix = image_suffix(path)
         stem = path.relative_to(root).as_posix()[:-len(suffix)] if suffix else path.relative_to(root).as_posix()
-        if suffix in PHOTO_SUFFIXES or suffix in DICOM_SUFFIXES:
+        if path in unopened:
+            records.append(ImageRecord(stem, path))  # its reader says why: the folder cannot be opened
+        elif suffix in PHOTO_SUFFIXES or suffix in DICOM_SUFFIXES:
             records.append(ImageRecord(stem, path))
         elif suffix in NIFTI_SUFFIXES:
             try:
                 slices, frames = nifti_slice_count(path)
             except UnreadableImageError:
-                continue  # an unreadable volume is skipped like any unreadable image
+                records.append(ImageRecord(f"{stem}_t00_s00", path, index=(0, 0)))  # read, fails, and is listed
+                continue
             records += [ImageRecord(f"{stem}_t{t:02d}_s{z:02d}", path, index=(z, t))
                         for t in range(frames) for z in range(slices)]
     return records
 
 
-def image_files_by_stem(root: Path) -> dict[str, Path]:
-    """PNG/JPEG/DICOM files under `root` by file name without suffix (the first one if repeated)."""
-    files: dict[str, Path] = {}
+def image_files_by_stem(root: Path) -> dict[str, list[Path]]:
+    """PNG/JPEG/DICOM files under `root` by file name without suffix: more than one where two sub-folders (or
+    two suffixes) hold the same name, which a label CSV naming it cannot tell apart."""
+    files: dict[str, list[Path]] = {}
     for path in sorted(root.rglob("*")):
         if path.is_file() and image_suffix(path) in PHOTO_SUFFIXES + DICOM_SUFFIXES:
-            files.setdefault(path.name[:-len(image_suffix(path))], path)
+            files.setdefault(path.name[:-len(image_suffix(path))], []).append(path)
     return files
 
 
