@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import NoReturn
 
@@ -141,13 +143,19 @@ def script_name(dataset: str, script_file: str) -> str:
     return f"{dataset}/{Path(script_file).name}"
 
 
-def recorded_arguments(parser: argparse.ArgumentParser, flags: dict[str, object]) -> list[str]:
+def recorded_arguments(parser: argparse.ArgumentParser, flags: dict[str, object],
+                       config_type: type[RunConfig]) -> list[str]:
     """A config.json's recorded flags as command-line arguments, so that each value goes through the same type
-    and check as one typed by hand; a key that is no flag of this script is an input error."""
+    and check as one typed by hand. A key that is no flag of this script is an input error, unless it is a
+    field of the run config at its default (label-aware MoCo's `supervised` and `fraction` are recorded by
+    every method's run)."""
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    defaults = {f.name: f.default for f in fields(config_type)}
     arguments: list[str] = []
     for name, value in flags.items():
         action = actions.get(name)
+        if action is None and name in defaults and defaults[name] == value:
+            continue
         if action is None:
             raise InputError(f"{name!r} is not a flag of this script (misspelt, or written by another MIRL)")
         option = next(o for o in action.option_strings if o.startswith("--"))
@@ -171,16 +179,20 @@ def recorded_arguments(parser: argparse.ArgumentParser, flags: dict[str, object]
     return arguments
 
 
-def parse_with_config(parser: argparse.ArgumentParser, script: str, argv: list[str] | None) -> argparse.Namespace:
+def parse_with_config(parser: argparse.ArgumentParser, script: str, config_type: type[RunConfig],
+                      argv: list[str] | None) -> argparse.Namespace:
     """The flags of `argv`; with `--config OUTPUT/config.json`, the flags of the run that wrote it come first,
     so the same command relaunches that run and any flag given here overrides one of them. The config must be
     one this script wrote, and its values pass the same types and checks as typed flags."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.config is None:
         return args
 
+    own_error = parser.error
+
     def refuse(message: str) -> NoReturn:
-        parser.error(f"--config {args.config}: {message}")
+        own_error(f"--config {args.config}: {message}")
     try:
         record = json.loads(args.config.read_text())
     except (OSError, ValueError) as error:
@@ -192,16 +204,15 @@ def parse_with_config(parser: argparse.ArgumentParser, script: str, argv: list[s
         written_by = record.get("script") or "a script that did not record its name (an older MIRL)"
         refuse(f"written by {written_by}, not by this script ({script}); relaunch it with that script")
     try:
-        recorded = recorded_arguments(parser, flags)
+        recorded = recorded_arguments(parser, flags, config_type)
     except InputError as error:
         refuse(str(error))
-    own_error = parser.error
     parser.error = refuse  # a recorded value that fails its check names the config, not the command line
     try:
         parser.parse_args(recorded)
     finally:
         parser.error = own_error
-    return parser.parse_args([*recorded, *(argv or [])])
+    return parser.parse_args([*recorded, *argv])
 
 
 def data_folder_name(folder: Path, data_root: Path, labels: Path | None) -> str | None:
@@ -226,7 +237,7 @@ def pretrain_script(dataset: str, method: str, script_file: str, argv: list[str]
     """Entry point of every dataset folder's pretraining scripts."""
     folder = Path(script_file).resolve().parent
     script = script_name(dataset, script_file)
-    args = parse_with_config(pretrain_parser(dataset, method, folder), script, argv)
+    args = parse_with_config(pretrain_parser(dataset, method, folder), script, PretrainConfig, argv)
     runs, splits = default_folders(folder, args)
     supervised = getattr(args, "supervised", False)
     default_run = f"{method}_super_{args.fraction}F" if supervised else method
@@ -240,7 +251,7 @@ def downstream_script(dataset: str, method: str, script_file: str, argv: list[st
     """Entry point of every dataset folder's downstream scripts."""
     folder = Path(script_file).resolve().parent
     script = script_name(dataset, script_file)
-    args = parse_with_config(downstream_parser(dataset, method, folder), script, argv)
+    args = parse_with_config(downstream_parser(dataset, method, folder), script, DownstreamConfig, argv)
     runs, splits = default_folders(folder, args)
     mode = "resnet" if args.resnet else f"{method}_{'frozen' if args.frozen else 'finetune'}"
     config = DownstreamConfig.from_flags({**vars(args), "method": method, "script": script,

@@ -119,11 +119,31 @@ def test_an_output_dir_with_states_is_not_overwritten(unbroken, capsys):
     ("trainMoCo.py", [], "method"),  # a MoCo v2 state given to MoCo v1
     ("trainMoCoV2.py", ["--arch", "resnet50"], "arch"),
     ("trainMoCoV2.py", ["--batch-size", "8"], "batch_size"),
+    # each of these trains another run from the same point: refused, naming the field and both values
+    ("trainMoCoV2.py", ["--seed", "1"], "seed 0 -> 1"),
+    ("trainMoCoV2.py", ["--temperature", "0.5"], "temperature 0.2 -> 0.5"),
+    ("trainMoCoV2.py", ["--moco-momentum", "0.99"], "moco_momentum 0.999 -> 0.99"),
+    ("trainMoCoV2.py", ["--augment", "ct"], 'augment "grey" -> "ct"'),
 ])
 def test_resuming_a_state_of_another_run_is_one_line(unbroken, tmp_path, capsys, script, change, word):
     out, common = unbroken
     args = [*common, *PRETRAIN, *change, "--output-dir", tmp_path, "--resume", out / "pretrain" / "checkpoint.pth"]
     assert_one_line_error(run_entry(capsys, "RSNA_MoCo", script, *args), word)
+
+
+def test_resuming_a_linear_probe_with_another_pretrained_encoder_is_refused_at_start(unbroken, tmp_path, capsys):
+    out, common = unbroken
+    probe = [*common, *SMALL, "--epochs", "1", "--fraction", "50", "--frozen", "--output-dir", tmp_path / "probe"]
+    first = run_script("RSNA_MoCo", "MoCov2_downstream.py", *probe, "--pretrained", out / "pretrain" / "checkpoint.pth")
+    assert first.returncode == 0, first.stderr[-2000:]
+    other = load_checkpoint(out / "pretrain" / "checkpoint.pth")
+    other["encoder"] = {k: v + 1 if v.is_floating_point() else v for k, v in other["encoder"].items()}
+    torch.save(other, tmp_path / "other.pth")
+    metrics = (tmp_path / "probe" / "metrics.json").read_text()
+    result = run_entry(capsys, "RSNA_MoCo", "MoCov2_downstream.py", *probe, "--pretrained", tmp_path / "other.pth",
+                       "--resume", "auto")
+    assert_one_line_error(result, "belongs to another run", "pretrained")
+    assert (tmp_path / "probe" / "metrics.json").read_text() == metrics
 
 
 def test_an_unwritable_output_dir_is_one_line(unbroken, tmp_path, capsys):
