@@ -24,7 +24,7 @@ DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 # compilation) and how it keeps its states; and `transfer`, which only allows a check to pass. Every other
 # field, a method's options included, is part of the run identity.
 OUTSIDE_IDENTITY = ("output_dir", "resume", "workers", "device", "cache", "channels_last", "compile", "save_every",
-                    "keep", "transfer", "script")
+                    "keep", "transfer", "script", "split_dir")  # the splits' contents are (`splits`), not their folder
 NOT_FLAGS = ("options", "method", "script")  # fields a script binds itself, not from a flag
 
 

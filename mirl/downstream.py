@@ -37,7 +37,7 @@ from mirl.models import ENCODERS, METHODS, MethodSpec, architecture, build_class
 from mirl.optim import build_scheduler
 from mirl.run_files import RunLog, open_run, provenance
 from mirl.runtime import precision_name, prepare_network, resolve_device, resolve_precision, seed_everything
-from mirl.splits import load_splits, split_digest
+from mirl.splits import load_splits, split_digest, split_files_digest
 from mirl.training import Trainer
 
 # MoCo's linear protocol (SGD, no weight decay, x0.1 at 60 % and 80 % of training), with the learning rate
@@ -256,6 +256,9 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
         check_same_run(resumed, identity, resume_from)
     precision = resolve_precision(run.precision, device)
     train, val, test = labelled_splits(description, run)
+    identity = {**identity, "splits": split_files_digest(run.split_dir)}  # the splits' contents, once they exist
+    if resumed is not None:
+        check_same_run(resumed, identity, resume_from)
     check_pretraining_data(run, pretraining_data, test)
 
     # the cache first: building it must not move the random streams that the seed sets for training

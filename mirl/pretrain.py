@@ -26,7 +26,7 @@ from mirl.optim import LARS, build_scheduler, lars_parameter_groups
 from mirl.positives import PairedImages, partner_candidates
 from mirl.run_files import RunLog, open_run, provenance
 from mirl.runtime import precision_name, prepare_network, resolve_device, resolve_precision, seed_everything
-from mirl.splits import load_splits, split_digest
+from mirl.splits import load_splits, split_digest, split_files_digest
 from mirl.training import Trainer
 
 
@@ -166,15 +166,16 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     run = settled_config(method, config, resumed, description)
     identity = pretraining_identity(description, run)
     if resumed is not None:  # before listing the data: a state of another run is refused at once
-        check_same_run(resumed, {k: v for k, v in identity.items() if k not in method.settled_options},
-                       resume_from)
+        check_same_run(resumed, {k: v for k, v in identity.items() if k not in method.settled_options}, resume_from)
     precision = resolve_precision(run.precision, device)
     # read before listing the data, so a bad file stops the run at once; a resumed run has its own weights
     initial = local_weights(run.init_weights, run.arch) if run.init_weights is not None and resumed is None else None
     records, monitor_sets, held_out = pretraining_records(description, run)
     kinds = image_kinds(records)  # the readers its images went through, for an export's preprocessing record
-    settled = method.prepare(run.options, len(records))  # what follows from the number of images (MoCo's K)
-    run = replace(run, options={**run.options, **settled})
+    # what follows from the number of images (MoCo's K), and the contents of the splits the data was held out by
+    settled = {**method.prepare(run.options, len(records)),
+               "splits": split_files_digest(run.split_dir) if held_out is not None else None}
+    run = replace(run, options={**run.options, **{k: v for k, v in settled.items() if k != "splits"}})
     identity = {**identity, **settled}
     if resumed is not None:
         check_same_run(resumed, settled, resume_from)

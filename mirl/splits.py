@@ -111,6 +111,19 @@ def split_digest(image_ids: list[str]) -> str:
     return hashlib.sha256(joined).hexdigest()
 
 
+def split_files_digest(split_dir: Path) -> str | None:
+    """A fingerprint of every split file in `split_dir` (each one's name and image ids, in any order), None
+    while they are not all there: what a run identity holds of its splits, so that the same splits in another
+    folder are the same run and other splits under the same folder name are not."""
+    paths = [split_dir / name for name in split_file_names()]
+    if not all(path.is_file() for path in paths):
+        return None
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path.name}\n{split_digest(read_split(path))}\n".encode())
+    return digest.hexdigest()
+
+
 def make_splits(description: DatasetDescription, records: list[ImageRecord], split_dir: Path) -> None:
     """Read each image's patient, split, and write the split files.
 

@@ -41,7 +41,7 @@ from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, 
 from mirl.metrics import primary_metric, reported_metrics
 from mirl.models import METHODS
 from mirl.pretrain import pretrain, pretraining_identity, settled_config
-from mirl.splits import FRACTIONS
+from mirl.splits import FRACTIONS, split_files_digest
 
 SUPERVISED = "supervised"
 # the control: the linear probe on a randomly initialised encoder, what a probe gets from no pretraining at all
@@ -370,11 +370,15 @@ def run_study(args: argparse.Namespace) -> None:
     # only what an unfinished run needs: a study continued after its last run of a method pretrains nothing more
     unfinished = [r for r in runs if not (out / "runs" / r.name / "metrics.json").is_file()]
     needed = {pretraining_key(r) for r in unfinished if r.method not in UNPRETRAINED}
-    # Before any training: every run and pretraining this study would reuse must be the one it asks for.
+    # Before any training: every run and pretraining this study would reuse must be the one it asks for (with
+    # the splits' contents once the split files exist: before, no run can have used them)
+    splits = split_files_digest(shared["split_dir"])
+    known = {"splits": splits} if splits is not None else {}
     for run in runs:
         if run not in unfinished:
             run_dir = out / "runs" / run.name
-            refuse_other_settings(run_dir, recorded_run(run_dir), downstream_identity(description, downstream_config(run)))
+            refuse_other_settings(run_dir, recorded_run(run_dir),
+                                  {**downstream_identity(description, downstream_config(run)), **known})
     trained = set()  # pretrainings already trained to their epochs
     for key in needed:
         config = pretraining_configs[key]
@@ -382,7 +386,7 @@ def run_study(args: argparse.Namespace) -> None:
         recorded, epochs = recorded_pretraining(config.output_dir)
         if recorded is None:
             continue
-        expected = pretraining_identity(description, settled_config(spec, config, None, description))
+        expected = {**pretraining_identity(description, settled_config(spec, config, None, description)), **known}
         refuse_other_settings(config.output_dir, recorded,
                               {k: v for k, v in expected.items() if k not in spec.settled_options or v is not None})
         if epochs >= config.epochs:
