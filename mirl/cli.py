@@ -201,7 +201,7 @@ def parse_with_config(parser: argparse.ArgumentParser, script: str, config_type:
     if not isinstance(flags, dict):
         refuse("no flags recorded (written by an older MIRL, or not a run's config.json)")
     if record.get("script") != script:
-        written_by = record.get("script") or "a script that did not record its name (an older MIRL)"
+        written_by = record.get("script") or "a run that names no script (mirl.study, a notebook or an older MIRL)"
         refuse(f"written by {written_by}, not by this script ({script}); relaunch it with that script")
     try:
         recorded = recorded_arguments(parser, flags, config_type)

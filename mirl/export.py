@@ -17,6 +17,7 @@ import torch
 
 from mirl.augment import CENTRE_CROP, IMAGENET_MEAN, IMAGENET_STD, source_side
 from mirl.checkpoints import load_checkpoint, reading_state, save_checkpoint
+from mirl.config import identity_digest
 from mirl.edge import guarded
 from mirl.errors import CheckpointError
 from mirl.flags import OneLineParser, image_size
@@ -99,7 +100,9 @@ def export(checkpoint: Path, out: Path, image_size: int | None) -> None:
     prepare_output_dir(out)
     save_checkpoint(encoder.state_dict(), out / "encoder.pth")
     dataset = str(fields.get("dataset", ""))
+    identity = fields.get("run")
     record = {"arch": fields["arch"], "method": fields.get("method"), "dataset": dataset,
+              "run_id": identity_digest(identity) if isinstance(identity, dict) else None,
               "source_checkpoint": str(checkpoint.resolve()), "load": f"torchvision.models.{fields['arch']}()"
               ".load_state_dict(torch.load('encoder.pth', weights_only=True), strict=False): only the "
               "classifier is missing", **preprocessing(checkpoint_image_kinds(fields), size)}

@@ -173,9 +173,9 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     records, monitor_sets, held_out = pretraining_records(description, run)
     kinds = image_kinds(records)  # the readers its images went through, for an export's preprocessing record
     # what follows from the number of images (MoCo's K), and the contents of the splits the data was held out by
-    settled = {**method.prepare(run.options, len(records)),
-               "splits": split_files_digest(run.split_dir) if held_out is not None else None}
-    run = replace(run, options={**run.options, **{k: v for k, v in settled.items() if k != "splits"}})
+    prepared = method.prepare(run.options, len(records))
+    run = replace(run, options={**run.options, **prepared})
+    settled = {**prepared, "splits": split_files_digest(run.split_dir) if held_out is not None else None}
     identity = {**identity, **settled}
     if resumed is not None:
         check_same_run(resumed, settled, resume_from)
