@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--cache", type=Path, required=True, help="folder that holds the caches")
     parser.add_argument("--image-size", type=image_size, default=224)
-    parser.add_argument("--workers", type=non_negative_int, default=os.cpu_count() or 1, help="decoding processes (all cores)")
+    parser.add_argument("--workers", type=non_negative_int, default=os.cpu_count() or 1,
+                        help="decoding processes (all cores)")
     args = parser.parse_args(argv)
 
     def build() -> None:

@@ -21,7 +21,15 @@ from mirl.downstream import downstream
 from mirl.edge import guarded
 from mirl.encoders import architecture_name
 from mirl.errors import InputError
-from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_float, positive_int, random_seed
+from mirl.flags import (
+    OneLineParser,
+    batch_size,
+    image_size,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    random_seed,
+)
 from mirl.models import METHODS
 from mirl.positives import POSITIVES
 from mirl.pretrain import pretrain

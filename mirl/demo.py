@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patients", type=positive_int, default=80)
     parser.add_argument("--image-size", type=image_size, default=64)
     parser.add_argument("--pretrain-epochs", type=positive_int, default=30)
-    parser.add_argument("--downstream-epochs", type=positive_int, default=10, help="at 100 %% of labels; a low fraction "
+    parser.add_argument("--downstream-epochs", type=positive_int, default=10,
+                        help="at 100 %% of labels; a low fraction "
                         "trains the scripts' default, at least 200 optimizer steps")
     parser.add_argument("--fractions", type=int, nargs=2, default=[100, 10], metavar=("ALL", "LOW"))
     parser.add_argument("--workers", type=non_negative_int, default=2)

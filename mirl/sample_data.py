@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder to write the dataset into")
     parser.add_argument("--patients", type=positive_int, default=None,
                         help="patients (RSNA studies, ISIC lesions); default 80, ACDC 25")
-    parser.add_argument("--size", type=positive_int, default=None, help="image side in pixels; default 256, ISIC 128, ACDC 64")
+    parser.add_argument("--size", type=positive_int, default=None,
+                        help="image side in pixels; default 256, ISIC 128, ACDC 64")
     parser.add_argument("--seed", type=random_seed, default=0)
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="processes writing RSNA's DICOMs (the same files for any number)")

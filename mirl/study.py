@@ -348,7 +348,8 @@ def run_study(args: argparse.Namespace) -> None:
         if key not in pretraining_configs:
             variant, seed = VARIANTS[run.method], key[2]
             spec = METHODS[variant.method]
-            queue = {"queue_size": args.queue_size} if args.queue_size and "queue_size" in spec.option_defaults() else {}
+            queue = {"queue_size": args.queue_size} \
+                if args.queue_size and "queue_size" in spec.option_defaults() else {}
             pretraining_configs[key] = PretrainConfig(
                 method=variant.method, output_dir=pretraining_dir(out, run.method, run.fraction, seed),
                 batch_size=args.batch_size, arch=variant.arch or args.arch, epochs=args.epochs or spec.epochs,
