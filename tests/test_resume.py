@@ -90,6 +90,15 @@ def test_downstream_killed_mid_epoch_resumes_to_identical_weights_and_metrics(un
     assert (out / "finetune" / "metrics.json").read_text() == (tmp_path / "metrics.json").read_text()
 
 
+def test_the_same_seed_gives_the_same_weights_whatever_the_cache_holds(unbroken, tmp_path):
+    out, common = unbroken  # trained without --cache; now with an empty cache folder, which the run builds
+    result = run_script("RSNA_MoCo", "trainMoCoV2.py", *common, *PRETRAIN, "--cache", tmp_path / "cache",
+                        "--output-dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert any((tmp_path / "cache").iterdir())
+    assert_identical(weights(out / "pretrain" / "checkpoint.pth"), weights(tmp_path / "run" / "checkpoint.pth"))
+
+
 def test_ctrl_c_saves_a_state_and_the_run_continues_from_it(unbroken, tmp_path):
     out, common = unbroken
     log = killed_then_resumed("trainMoCoV2.py", [*common, *PRETRAIN], tmp_path, "state-e0000-b000002.pth",

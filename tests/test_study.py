@@ -53,7 +53,7 @@ def test_tiny_study_writes_tables_csv_and_plot_then_resumes(rsna_root, tmp_path,
     # a damaged newest pretraining state (a copy cut short): the study passes over it to the intact one before it
     states = out / "pretrain" / "mocov2" / "checkpoints"
     (states / "state-e0009-b000000.pth").write_bytes((states / "state-e0001-b000000.pth").read_bytes()[:1000])
-    assert study.main([*argv, "--fractions", "20"]) == 0  # a new fraction needs the pretraining again
+    assert study.main([*argv, "--fractions", "20", "--methods", "mocov2"]) == 0  # a new fraction needs the pretraining
     assert "trying the older" in capsys.readouterr().err
 
     picture = tmp_path / "tsne.png"
