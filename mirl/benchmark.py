@@ -35,9 +35,10 @@ import resource
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -161,11 +162,27 @@ def matmul_flops_per_s(device: torch.device, precision: torch.dtype | None) -> f
     return 2 * side ** 3 * seconds
 
 
+@contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """The process's stderr (file descriptor 2) sent to /dev/null for the block: the profiler's C++ library
+    logs its start and stop, and on a machine without a GPU an `ERROR: gpuGetDeviceCount failed` that is
+    none, straight to the descriptor, past Python."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def operator_calls_per_step(run_one: Callable[[], int], steps: int = 3) -> float:
     """ATen operator calls (nested calls included) per call of `run_one`, as torch.profiler records them on
     the CPU: on a GPU each is a kernel launch or host work between them, the overhead that large-batch
     throughput hides and small models expose."""
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as profiler:
         for _ in range(steps):
             run_one()
     return sum(event.count for event in profiler.key_averages() if event.key.startswith("aten::")) / steps

@@ -255,15 +255,24 @@ def pretrain_script(dataset: str, method: str, script_file: str, argv: list[str]
     return guarded(lambda: pretrain(bound_dataset(dataset, config), config))
 
 
+def downstream_run_name(method: str, args: argparse.Namespace) -> str:
+    """A downstream run's default folder name: `resnet_10F`, `mocov2_frozen_10F`; a run from another checkpoint
+    than the method's default (label-aware MoCo's runs/moco_super_10F/, a seed's folder) is named after that
+    checkpoint's folder, `moco_super_10F_finetune_10F`, so that it never shares a folder with the plain run."""
+    if args.resnet:
+        return f"resnet_{args.fraction}F"
+    source = args.pretrained.resolve().parent.name if args.pretrained else method
+    return f"{source}_{'frozen' if args.frozen else 'finetune'}_{args.fraction}F"
+
+
 def downstream_script(dataset: str, method: str, script_file: str, argv: list[str] | None = None) -> int:
     """Entry point of every dataset folder's downstream scripts."""
     folder = Path(script_file).resolve().parent
     script = script_name(dataset, script_file)
     args = parse_with_config(downstream_parser(dataset, method, folder), script, DownstreamConfig, argv)
     runs, splits = default_folders(folder, args)
-    mode = "resnet" if args.resnet else f"{method}_{'frozen' if args.frozen else 'finetune'}"
     config = DownstreamConfig.from_flags({**vars(args), "method": method, "script": script,
                                           "split_dir": args.split_dir or splits,
-                                          "output_dir": args.output_dir or runs / f"{mode}_{args.fraction}F",
+                                          "output_dir": args.output_dir or runs / downstream_run_name(method, args),
                                           "pretrained": args.pretrained or runs / method / CHECKPOINT_NAME})
     return guarded(lambda: downstream(bound_dataset(dataset, config), config))

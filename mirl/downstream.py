@@ -25,6 +25,7 @@ from mirl.checkpoints import (
     load_checkpoint,
     reading_state,
     save_checkpoint,
+    writing,
 )
 from mirl.config import DownstreamConfig, identity_digest
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord, image_kinds
@@ -49,6 +50,7 @@ PROBE_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 # encoder learns at FINETUNE_ENCODER_LR_SCALE x the head's rate (`--encoder-lr-scale`). Chosen on the
 # ISIC validation split at 1 % of labels (MoCo v2, resnet18, 64 px): scale 1 gave val balanced accuracy
 # 0.296, scale 0.1 gave 0.251 (macro AUC 0.740 and 0.763), so one rate for all layers is the default.
+PREDICTIONS_FILE = "test_predictions.npz"  # each readable test image's id, labels and predicted probabilities
 FINETUNE_LR = 1e-3
 FINETUNE_ENCODER_LR_SCALE = 1.0
 FINETUNE_WARMUP = 0.1
@@ -359,7 +361,7 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
                 "run": identity, "model": model.state_dict(), "best": dict(best)}
 
     trainer = Trainer(step_loss, train_loader, optimizer, scheduler, device, precision, store, run.save_every,
-                      snapshot)
+                      snapshot, loss_terms=len(probe_lrs) if run.frozen else 1)
     if resumed is not None:
         with reading_state(resume_from):
             model.load_state_dict(resumed["model"])
@@ -376,12 +378,16 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
         if changed:
             raise RuntimeError(f"the frozen encoder changed during linear training ({changed[:3]})")
 
-    def evaluate_split(split: list[ImageRecord], loader: torch.utils.data.DataLoader, interval: bool = False) -> dict:
-        return split_metrics(description, split, *predictions(loader), interval)
-
-    results = {"test": evaluate_split(test, test_loader, interval=True), "val": evaluate_split(val, val_loader)}
+    test_truth, test_probability, test_kept = predictions(test_loader)
+    results = {"test": split_metrics(description, test, test_truth, test_probability, test_kept, interval=True),
+               "val": split_metrics(description, val, *predictions(val_loader))}
+    if distributed.is_main_process():  # what a paired comparison of two runs on the same test images needs
+        with writing(run.output_dir / PREDICTIONS_FILE) as tmp, open(tmp, "wb") as f:
+            np.savez(f, image_ids=np.array([test[i].image_id for i in test_kept]), truth=test_truth,
+                     probability=test_probability)
     results.update(best_epoch=best["epoch"], selected_by=f"val {selection}", lr=best["lr"], mode=mode,
                    fraction=run.fraction, arch=run.arch, method=record["method"], epochs=run.epochs,
+                   train_images=len(train),
                    identity=identity, run_id=record["run_id"])
     log.json("metrics.json", results)
     for name in ("auc_macro", "accuracy", "balanced_accuracy", "patient_accuracy"):

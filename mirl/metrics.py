@@ -127,3 +127,17 @@ def bootstrap_interval(y_true: np.ndarray, probability: np.ndarray, patients: li
     if len(values) < resamples // 2:  # too few resamples hold every class the metric needs
         return None
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def paired_difference(y_true: np.ndarray, probability_a: np.ndarray, probability_b: np.ndarray,
+                      patients: list[str], statistic: Callable[[np.ndarray, np.ndarray], float | None],
+                      resamples: int = 1000, seed: int = 0) -> tuple[float | None, list[float] | None]:
+    """`statistic` of model a minus that of model b on the same images, and its 95 % interval over resamples
+    of whole patients: paired, so both models are scored on each resample's same patients, and the interval
+    holds only the variance of their difference (not of each test set draw twice)."""
+    both = np.stack([probability_a, probability_b], axis=-1)
+
+    def difference(y: np.ndarray, p: np.ndarray) -> float | None:
+        a, b = statistic(y, p[..., 0]), statistic(y, p[..., 1])
+        return None if a is None or b is None else a - b
+    return difference(y_true, both), bootstrap_interval(y_true, both, patients, difference, resamples, seed)

@@ -23,8 +23,8 @@ from matplotlib.ticker import NullLocator
 from scipy import stats
 
 from mirl.augment import MODALITY_RECIPES
-from mirl.cli import bound_dataset
 from mirl.checkpoints import CheckpointStore, newest_intact_state
+from mirl.cli import bound_dataset
 from mirl.config import (
     DownstreamConfig,
     PretrainConfig,
@@ -33,12 +33,12 @@ from mirl.config import (
     identity_differences,
 )
 from mirl.datasets import DATASETS, DatasetDescription
-from mirl.downstream import downstream, downstream_identity
+from mirl.downstream import PREDICTIONS_FILE, downstream, downstream_identity
 from mirl.edge import StudyStopped, guarded
-from mirl.errors import InputError
 from mirl.encoders import architecture_name
+from mirl.errors import InputError
 from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_int, random_seed
-from mirl.metrics import primary_metric, reported_metrics
+from mirl.metrics import evaluate, paired_difference, primary_metric, reported_metrics
 from mirl.models import METHODS
 from mirl.pretrain import pretrain, pretraining_identity, settled_config
 from mirl.splits import FRACTIONS, split_files_digest
@@ -134,11 +134,24 @@ def result_rows(runs: list[Run], out: Path, dataset: str) -> list[dict]:
     return rows
 
 
-def t_interval(values: np.ndarray) -> tuple[float, float]:
+# the values each metric can take: an interval that reaches past them is clipped to them
+METRIC_RANGES = {"auc_macro": (0.0, 1.0), "accuracy": (0.0, 1.0), "balanced_accuracy": (0.0, 1.0),
+                 "patient_accuracy": (0.0, 1.0), "weighted_log_loss": (0.0, np.inf)}
+
+
+def t_interval(values: np.ndarray, bounds: tuple[float, float] = (-np.inf, np.inf)) -> tuple[float, float]:
     """The 95 % confidence interval of the mean of `values` (two or more) by Student's t: with n seeds
-    the half-width is t(0.975, n - 1) sd / sqrt(n), wider than 1.96 sd / sqrt(n) for small n."""
+    the half-width is t(0.975, n - 1) sd / sqrt(n), wider than 1.96 sd / sqrt(n) for small n; clipped to
+    `bounds`, the values the metric can take (an AUC interval never reads [-0.49, 1.03])."""
     half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return float(values.mean() - half), float(values.mean() + half)
+    low, high = np.clip([values.mean() - half, values.mean() + half], *bounds)
+    return float(low), float(high)
+
+
+def dataset_title(description: DatasetDescription) -> str:
+    """How tables and plots name the data: RSNA, ISIC, ACDC, or the file of your own labels."""
+    base, _, labels = description.name.partition(":")
+    return f"{labels} (your labels)" if labels else base.upper()
 
 
 def summarise(rows: list[dict], metric: str) -> dict[tuple[str, int], dict]:
@@ -152,8 +165,10 @@ def summarise(rows: list[dict], metric: str) -> dict[tuple[str, int], dict]:
         lows = [r.get(f"test_{metric}_ci_low") for r in mine]
         highs = [r.get(f"test_{metric}_ci_high") for r in mine]
         interval = (float(np.mean(lows)), float(np.mean(highs))) if None not in lows + highs else None
-        cells[key] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else None,
-                      "n": len(values), "ci": interval, "seed_ci": t_interval(values) if len(values) > 1 else None}
+        several = len(values) > 1
+        cells[key] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if several else None,
+                      "n": len(values), "ci": interval,
+                      "seed_ci": t_interval(values, METRIC_RANGES.get(metric, (-np.inf, np.inf))) if several else None}
     return cells
 
 
@@ -174,7 +189,7 @@ def markdown_tables(rows: list[dict], description: DatasetDescription, columns: 
     parts = [f"Cells: {interval_note(rows, pretrain_seeds)}."]
     for metric in metric_names(description):
         cells = summarise(rows, metric)
-        lines = [f"### {description.name.upper()}: test {metric.replace('_', ' ')}", "",
+        lines = [f"### {dataset_title(description)}: test {metric.replace('_', ' ')}", "",
                  "| labels | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for fraction in fractions:
             entries = []
@@ -228,13 +243,75 @@ def plot(rows: list[dict], description: DatasetDescription, columns: list[str], 
     axis.set_xlabel("labelled training images (% of the training split)")
     title = METRIC_TITLES.get(metric, metric)
     axis.set_ylabel(f"test {title}")
-    axis.set_title(f"{description.name.upper()}: test {title} by label fraction (selected on val {title})")
+    # two lines from the axes' left edge: a long title (your own labels' file name) is never cut off
+    axis.set_title(f"{dataset_title(description)}: test {title} by label fraction\n(selected on val {title})",
+                   loc="left")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.text(0.01, 0.01, f"Points and bars: {interval_note(rows, pretrain_seeds)}.", fontsize=7, ha="left",
                 va="bottom")
     figure.tight_layout(rect=(0, 0.04, 1, 1))
     figure.savefig(path, dpi=150)
+
+
+def paired_comparisons(runs: list[Run], out: Path, description: DatasetDescription, data_root: Path) -> list[dict]:
+    """Each pretrained run against the supervised run of its fraction and seed, on the test images both could
+    read: the selection metric of each, their difference and its 95 % paired bootstrap interval over whole
+    test patients (both runs scored on the same resampled patients each time)."""
+    supervised = {(r.fraction, r.seed): r for r in runs if r.method == SUPERVISED}
+    pretrained = [r for r in runs if r.method not in UNPRETRAINED and (r.fraction, r.seed) in supervised]
+    if not pretrained:
+        return []
+    metric = primary_metric(description.multilabel)
+    records = {r.image_id: r for r in description.find_labelled(data_root)}
+    patients: dict[str, str] = {}  # an RSNA slice's patient is read from its header once
+
+    def score(truth: np.ndarray, probability: np.ndarray) -> float | None:
+        return evaluate(truth, probability, description.classes, description.multilabel)[metric]
+    comparisons = []
+    for run in pretrained:
+        pair = (run, supervised[run.fraction, run.seed])
+        ours, theirs = (np.load(out / "runs" / r.name / PREDICTIONS_FILE) for r in pair)
+        common = sorted(set(ours["image_ids"]) & set(theirs["image_ids"]))
+        rows = [{image_id: i for i, image_id in enumerate(p["image_ids"])} for p in (ours, theirs)]
+        a, b = ([rows[k][image_id] for image_id in common] for k in (0, 1))
+        for image_id in common:
+            if image_id not in patients:
+                patients[image_id] = description.patient_group(records[image_id]) or image_id
+        truth = ours["truth"][a]
+        difference, interval = paired_difference(truth, ours["probability"][a], theirs["probability"][b],
+                                                 [patients[i] for i in common], score)
+        comparisons.append({"column": run.column, "fraction": run.fraction, "seed": run.seed, "metric": metric,
+                            "pretrained": score(truth, ours["probability"][a]),
+                            "supervised": score(truth, theirs["probability"][b]), "difference": difference,
+                            "ci_low": interval[0] if interval else None, "ci_high": interval[1] if interval else None,
+                            "test_images": len(common), "test_patients": len({patients[i] for i in common})})
+    return comparisons
+
+
+def verdict_lines(comparisons: list[dict], fractions: list[int]) -> list[str]:
+    """Per label fraction, one line: did the best pretrained column beat supervised training, by a paired
+    interval that excludes no difference (first seed's runs)?"""
+    lines = []
+    for fraction in fractions:
+        mine = [c for c in comparisons if c["fraction"] == fraction and c["difference"] is not None]
+        if not mine:
+            continue
+        seed = min(c["seed"] for c in mine)
+        best = max((c for c in mine if c["seed"] == seed), key=lambda c: c["difference"])
+        metric = METRIC_TITLES.get(best["metric"], best["metric"])
+        if best["ci_low"] is None:
+            found, interval = "no interval (too few test patients of some class)", ""
+        else:
+            found = ("pretraining helped" if best["ci_low"] > 0 else
+                     "pretraining did worse than supervised training" if best["ci_high"] < 0 else
+                     "no clear difference")
+            interval = f" [95 % paired bootstrap over {best['test_patients']} test patients: " \
+                       f"{best['ci_low']:+.3f}, {best['ci_high']:+.3f}]"
+        lines.append(f"At {fraction} % of labels (seed {seed}): {found}. Best pretrained, {best['column']}: "
+                     f"{best['pretrained']:.3f} test {metric} against supervised {best['supervised']:.3f}, "
+                     f"difference {best['difference']:+.3f}{interval}.")
+    return lines
 
 
 def recorded_pretraining(folder: Path) -> tuple[dict | None, int]:
@@ -417,6 +494,15 @@ def run_study(args: argparse.Namespace) -> None:
         writer.writeheader()
         writer.writerows(rows)
     tables = markdown_tables(rows, description, columns, fractions, args.pretrain_seeds)
+    comparisons = paired_comparisons(runs, out, description, args.data_root)
+    if comparisons:
+        with open(out / "comparisons.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(comparisons[0]))
+            writer.writeheader()
+            writer.writerows(comparisons)
+    verdicts = verdict_lines(comparisons, fractions) or \
+        ["No verdict: add `supervised` to --methods to compare pretraining with supervised training."]
+    tables += "\n### Did pretraining help?\n\n" + "\n".join(f"- {line}" for line in verdicts) + "\n"
     (out / "results.md").write_text(tables)
     plot(rows, description, columns, sorted(fractions), out / "label_efficiency.png", args.pretrain_seeds)
     print(f"\n{tables}\nwrote {out / 'results.md'}, {out / 'results.csv'} and {out / 'label_efficiency.png'}")

@@ -96,13 +96,15 @@ class Trainer:
     def __init__(self, step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader: DataLoader,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  device: torch.device, precision: torch.dtype | None, store: CheckpointStore, save_every: int,
-                 snapshot: Callable[[], dict]) -> None:
+                 snapshot: Callable[[], dict], loss_terms: int = 1) -> None:
         if not isinstance(loader.sampler, EpochSampler):
             raise ValueError("the training loader must draw its order from an EpochSampler (make_loader shuffle)")
         self.step = TrainingStep(step_loss, optimizer, scheduler, device, precision)
         self.loader, self.sampler = loader, loader.sampler
         self.store, self.save_every, self.snapshot = store, save_every, snapshot
         self.device = device
+        # the loss is a sum of this many independent terms (a linear probe's grid of heads): shown as their mean
+        self.loss_terms = loss_terms
         self.epoch, self.batch = 0, 0  # the next batch to train: `batch` batches of `epoch` are done
         self.last_loss: float | None = None  # the mean training loss of the last epoch trained
         self.skipped: list[list[str]] = []  # [image id, file, reason] of every unreadable image met
@@ -167,11 +169,13 @@ class Trainer:
                         self.note_unreadable(self.loader.dataset, unreadable)
                     # BatchNorm and contrastive pairs need at least two images; every rank skips together
                     if not any_rank(int(ok.sum()) < 2, self.device):
-                        loss = self._train_step(*readable_batch(images, labels, ok))
+                        loss = self._train_step(*readable_batch(images, labels, ok)) / self.loss_terms
                         losses.append(loss)
                         log.step = self.step.steps
                         log.scalar("train/loss", loss)
-                        log.scalar("train/lr", self.step.optimizer.param_groups[0]["lr"])
+                        rates = [group["lr"] for group in self.step.optimizer.param_groups]
+                        for number, rate in enumerate(rates):  # one tag per rate when groups differ
+                            log.scalar("train/lr" if len(set(rates)) == 1 else f"train/lr/{number}", rate)
                         batch_bar.set_postfix(loss=f"{loss:.4f}", skipped=len(self.skipped))
                         if self.save_every and self.step.steps % self.save_every == 0:
                             self.save()
@@ -192,9 +196,10 @@ class Trainer:
                 if lines:
                     numbers = "".join(f"  {k} {v:.4f}" for k, v in summary.items())
                     loss_text = "-" if self.last_loss is None else f"{self.last_loss:.4f}"
-                    print(f"epoch {epoch + 1}/{epochs}  loss {loss_text}  "
-                          f"lr {self.step.optimizer.param_groups[0]['lr']:.4g}{numbers}  skipped {len(self.skipped)}  "
-                          f"{time.monotonic() - began:.0f} s", flush=True)
+                    rates = sorted({group["lr"] for group in self.step.optimizer.param_groups})
+                    rate_text = f"{rates[0]:.4g}" if len(rates) == 1 else f"{rates[0]:.4g} to {rates[-1]:.4g}"
+                    print(f"epoch {epoch + 1}/{epochs}  loss {loss_text}  lr {rate_text}{numbers}  "
+                          f"skipped {len(self.skipped)}  {time.monotonic() - began:.0f} s", flush=True)
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         try:

@@ -33,6 +33,17 @@ def test_tiny_study_writes_tables_csv_and_plot_then_resumes(rsna_root, tmp_path,
     assert "| 100 % |" in table and "| 50 % |" in table and "Supervised" in table
     assert "Cells: one seed [95 % patient-bootstrap interval" in table and "test weighted log loss" in table
     assert (out / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+    # the verdict: each pretrained run against the supervised one of its fraction, paired on the same test images
+    comparisons = list(csv.DictReader(open(out / "comparisons.csv")))
+    assert {(c["column"], c["fraction"]) for c in comparisons} == {("MoCo v2 finetune", "100"), ("MoCo v2 finetune", "50")}
+    for c in comparisons:
+        assert abs(float(c["difference"]) - (float(c["pretrained"]) - float(c["supervised"]))) < 1e-9
+        mine = {r["column"]: r for r in rows if r["fraction"] == c["fraction"]}
+        assert float(c["pretrained"]) == pytest.approx(float(mine["MoCo v2 finetune"]["test_auc_macro"]))
+        assert float(c["supervised"]) == pytest.approx(float(mine["Supervised"]["test_auc_macro"]))
+    assert "### Did pretraining help?" in table and "At 50 % of labels (seed 0): " in table
+    assert all(json.loads((out / "runs" / r / "metrics.json").read_text())["train_images"] > 0
+               for r in ("supervised_50F_seed0", "mocov2_finetune_50F_seed0"))
     checkpoint = torch.load(out / "pretrain" / "mocov2" / "checkpoint.pth", weights_only=True)
     assert "knn_auc_macro" in checkpoint["monitor"]  # the online monitor ran during pretraining
 
