@@ -158,6 +158,12 @@ class CheckpointStore:
             except OSError:  # a file system without hard links: copy instead
                 shutil.copyfile(state, tmp)
 
+    def remove_states(self) -> None:
+        """Delete the training states of a run that has published its result (`--keep-states` keeps them): a
+        pretraining run's checkpoint.pth is a hard link of the newest and survives it."""
+        if is_main_process():
+            shutil.rmtree(self.folder, ignore_errors=True)
+
     def remove_leftovers(self) -> None:
         """Delete the temporary files of writes that a kill or a full disk interrupted: they are never states,
         and they hold the room the next save needs. Only the run holding the output dir's lock calls this."""
@@ -212,10 +218,11 @@ def resume_state(requested: str | None, store: CheckpointStore) -> tuple[Path | 
 def newest_intact_state(store: CheckpointStore) -> tuple[Path | None, dict | None]:
     """The newest training state that loads, and its contents: a damaged newest one is passed over with a
     warning for the one before it; a pretraining run's published checkpoint.pth stands in when its states
-    were deleted. (None, None) when there is none; a CheckpointError when none of them loads."""
+    were deleted (or none of them loads). (None, None) when there is none; a CheckpointError when none loads."""
     candidates = list(reversed(store.states()))
-    if not candidates and store.publish and (store.output_dir / CHECKPOINT_NAME).is_file():
-        candidates = [store.output_dir / CHECKPOINT_NAME]
+    published = store.output_dir / CHECKPOINT_NAME
+    if store.publish and published.is_file() and not any(published.samefile(path) for path in candidates):
+        candidates.append(published)  # the newest state when the states were removed, or all of them are damaged
     for position, path in enumerate(candidates):
         try:
             return path, load_checkpoint(path)

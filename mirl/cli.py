@@ -26,6 +26,7 @@ from mirl.flags import (
     batch_size,
     image_size,
     non_negative_int,
+    non_negative_float,
     positive_float,
     positive_int,
     random_seed,
@@ -71,8 +72,15 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epo
     parser.add_argument("--save-every", type=non_negative_int, default=RunConfig.save_every, metavar="STEPS",
                         help="also save a training state every STEPS optimizer steps inside an epoch (0: epoch ends "
                              "only)")
+    parser.add_argument("--save-minutes", type=non_negative_float, default=RunConfig.save_minutes, metavar="MIN",
+                        help="an epoch's end saves a training state only when this many minutes have passed since "
+                             "the last save (the last epoch, a stop signal and --save-every always save; 0: every "
+                             "epoch end)")
     parser.add_argument("--keep", type=positive_int, default=RunConfig.keep,
                         help="how many of the newest training states to keep in OUTPUT_DIR/checkpoints")
+    parser.add_argument("--keep-states", action="store_true",
+                        help="keep OUTPUT_DIR/checkpoints once the run has published its result (default: removed; "
+                             "a finished run needs only checkpoint.pth and metrics.json)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="folder of decoded-image caches (mirl.cache): built on first use, then read "
                              "instead of decoding every image every epoch")

@@ -22,9 +22,10 @@ DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 # The fields of a config that change neither what a run trains nor what it measures: where it writes and what
 # it continues from, how fast it goes (loader processes, device, decoded-image cache, memory format,
 # compilation) and how it keeps its states; and `transfer`, which only allows a check to pass. Every other
-# field, a method's options included, is part of the run identity.
+# field, a method's options included, is part of the run identity; of the split folder, its files' contents are
+# (`splits`, added by the run), not its path.
 OUTSIDE_IDENTITY = ("output_dir", "resume", "workers", "device", "cache", "channels_last", "compile", "save_every",
-                    "keep", "transfer", "script", "split_dir")  # the splits' contents are (`splits`), not their folder
+                    "save_minutes", "keep", "keep_states", "transfer", "script", "split_dir")
 NOT_FLAGS = ("options", "method", "script")  # fields a script binds itself, not from a flag
 
 
@@ -52,7 +53,9 @@ class RunConfig:
     deterministic: bool = False
     resume: str | None = None
     save_every: int = 500
+    save_minutes: float = 10.0  # an epoch's end saves a state only when this long has passed since the last save
     keep: int = 2
+    keep_states: bool = False  # keep the training states once the run has published its result
     cache: Path | None = None
     channels_last: bool = True
     compile: bool = False

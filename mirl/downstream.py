@@ -361,7 +361,7 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
                 "run": identity, "model": model.state_dict(), "best": dict(best)}
 
     trainer = Trainer(step_loss, train_loader, optimizer, scheduler, device, precision, store, run.save_every,
-                      snapshot, loss_terms=len(probe_lrs) if run.frozen else 1)
+                      snapshot, loss_terms=len(probe_lrs) if run.frozen else 1, save_minutes=run.save_minutes)
     if resumed is not None:
         with reading_state(resume_from):
             model.load_state_dict(resumed["model"])
@@ -397,6 +397,8 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
                      "image_size": run.image_size, "run": identity, "image_kinds": image_kinds([*train, *val, *test]),
                      "classes": list(classes), "model": model.state_dict(), "best_epoch": best["epoch"]},
                     run.output_dir / CHECKPOINT_NAME)
+    if not run.keep_states:  # published: metrics.json and checkpoint.pth are what a finished run needs
+        store.remove_states()
     log.hparams({**run.flags(), "mode": mode, "selected_lr": best["lr"]},
                 {f"test_{k}": results["test"].get(k) for k in reported_metrics(description.multilabel)})
     log.close()

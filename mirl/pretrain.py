@@ -249,11 +249,14 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
             log.scalar(f"monitor/{name}", value)
         return latest["monitor"]
 
-    trainer = Trainer(step_loss, loader, optimizer, scheduler, device, precision, store, run.save_every, snapshot)
+    trainer = Trainer(step_loss, loader, optimizer, scheduler, device, precision, store, run.save_every, snapshot,
+                      save_minutes=run.save_minutes)
     if resumed is not None:
         with reading_state(resume_from):
             trainer.restore(resumed, resume_from)
     trainer.fit(run.epochs, log, end_of_epoch, train_mode=model.train)
+    if not run.keep_states:  # published: checkpoint.pth, a hard link of the newest state, is what remains
+        store.remove_states()
     final = {"loss": trainer.last_loss, **latest["monitor"]}
     log.hparams(run.flags(), final)
     log.close()

@@ -383,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-size", type=positive_int, default=None,
                         help="MoCo queue (default: the scripts' rule, a power of two <= images / 4)")
     parser.add_argument("--cache", type=Path, default=None, help="decoded-image cache folder shared by all runs")
+    parser.add_argument("--keep-states", action="store_true",
+                        help="keep each finished run's training states (default: removed once it has published)")
     parser.add_argument("--labels", type=Path, default=None,
                         help="your own labels: a CSV with an image column and one 0/1 column per class")
     parser.add_argument("--group-column", default=None, metavar="NAME",
@@ -398,7 +400,7 @@ def run_study(args: argparse.Namespace) -> None:
     # the labels are read once here, so a bad CSV stops the study with one line before any training
     shared = dict(data_root=args.data_root, split_dir=args.split_dir or args.output_dir / "splits",
                   image_size=args.image_size, device=args.device, cache=args.cache, labels=args.labels,
-                  group_column=args.group_column, resume="auto",
+                  group_column=args.group_column, resume="auto", keep_states=args.keep_states,
                   **({"workers": args.workers} if args.workers is not None else {}))
     description = bound_dataset(args.dataset, RunConfig(output_dir=args.output_dir, **shared))
     out = args.output_dir

@@ -89,19 +89,24 @@ class Trainer:
     Epochs of `step_loss(images, labels)` over a loader whose order comes from an `EpochSampler`.
     Unreadable images are replaced in their batch by readable ones of it (`readable_batch`), counted on the
     progress bar and listed once in `skipped.csv`. A training state goes to the `CheckpointStore` every
-    `save_every` steps, at every epoch end and when Ctrl-C or SIGTERM arrives; `restore` continues from one
+    `save_every` steps, at an epoch's end when `save_minutes` have passed since the last save, after the last
+    epoch and when Ctrl-C or SIGTERM arrives; `restore` continues from one
     exactly. `snapshot()` gives the caller's part of a state (weights and what it needs to reload them).
     """
 
     def __init__(self, step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader: DataLoader,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  device: torch.device, precision: torch.dtype | None, store: CheckpointStore, save_every: int,
-                 snapshot: Callable[[], dict], loss_terms: int = 1) -> None:
+                 snapshot: Callable[[], dict], loss_terms: int = 1, save_minutes: float = 0.0) -> None:
         if not isinstance(loader.sampler, EpochSampler):
             raise ValueError("the training loader must draw its order from an EpochSampler (make_loader shuffle)")
         self.step = TrainingStep(step_loss, optimizer, scheduler, device, precision)
         self.loader, self.sampler = loader, loader.sampler
         self.store, self.save_every, self.snapshot = store, save_every, snapshot
+        # an epoch's end saves only when this long has passed since the last save: a 100 MB state after every
+        # one-second epoch is disk traffic, not safety (the last epoch and a stop signal always save)
+        self.save_seconds = 60 * save_minutes
+        self.saved_at = time.monotonic()
         self.device = device
         # the loss is a sum of this many independent terms (a linear probe's grid of heads): shown as their mean
         self.loss_terms = loss_terms
@@ -140,6 +145,7 @@ class Trainer:
         print(f"resuming from {source} (epoch {self.epoch}, batch {self.batch})", file=sys.stderr)
 
     def save(self) -> Path:
+        self.saved_at = time.monotonic()
         return self.store.save(self.state(), self.epoch, self.batch)
 
     def fit(self, epochs: int, log: RunLog, end_of_epoch: Callable[[int], dict[str, float]],
@@ -191,7 +197,8 @@ class Trainer:
                 self.last_loss = sum(losses) / len(losses) if losses else self.last_loss
                 summary = {k: v for k, v in end_of_epoch(epoch).items() if v is not None}
                 self.epoch, self.batch = epoch + 1, 0
-                self.save()
+                if epoch + 1 == epochs or time.monotonic() - self.saved_at >= self.save_seconds:
+                    self.save()
                 epoch_bar.set_postfix({k: f"{v:.4f}" for k, v in summary.items()}, skipped=len(self.skipped))
                 if lines:
                     numbers = "".join(f"  {k} {v:.4f}" for k, v in summary.items())

@@ -97,7 +97,7 @@ def test_scripts_run_under_torchrun_and_only_rank_0_writes(rsna_root, tmp_path):
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                script, *map(str, args)], cwd=script_folder("RSNA_MoCo"), capture_output=True, text=True,
                               timeout=600)
-    common = ["--data-root", rsna_root, "--split-dir", tmp_path / "splits", *TINY]
+    common = ["--data-root", rsna_root, "--split-dir", tmp_path / "splits", *TINY, "--keep-states"]
     result = torchrun("trainSimCLR.py", "--output-dir", tmp_path / "simclr", *common)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "simclr" / "config.json").read_text())["world_size"] == 2

@@ -27,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from mirl.imaging import dicom_patient_group, read_dicom_image, read_nifti_slice, read_photo
 from mirl.sample_data import write_isic
 
-PRETRAIN = [*TINY, "--knn-images", "0"]
+PRETRAIN = [*TINY, "--knn-images", "0", "--keep-states"]
 
 
 def png_folder(root: Path, count: int = 24) -> Path:
@@ -74,7 +74,8 @@ def test_sigterm_to_the_whole_process_group_saves_the_state(rsna_root, tmp_path)
     """What SLURM sends before pre-empting a job: SIGTERM to every process of the job, data workers too."""
     out = tmp_path / "run"
     command = [sys.executable, "trainMoCoV2.py", "--data-root", str(rsna_root), "--split-dir", str(tmp_path / "s"),
-               "--output-dir", str(out), *TINY, "--epochs", "50", "--workers", "2", "--knn-images", "0"]
+               "--output-dir", str(out), *TINY, "--epochs", "50", "--workers", "2", "--knn-images", "0",
+               "--save-minutes", "0"]
     process = subprocess.Popen(command, cwd=script_folder("RSNA_MoCo"), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 300

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
 
 # 6 batches of 16 per epoch on the 16-patient sample; a state every 2 steps
 SMALL = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--device", "cpu",
-         "--save-every", "2", "--deterministic"]
+         "--save-every", "2", "--deterministic", "--keep-states"]
 PRETRAIN = [*SMALL, "--epochs", "2", "--queue-size", "32", "--knn-images", "0"]
 FINETUNE = [*SMALL, "--epochs", "2", "--fraction", "50"]
 

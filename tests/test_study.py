@@ -35,7 +35,8 @@ def test_tiny_study_writes_tables_csv_and_plot_then_resumes(rsna_root, tmp_path,
     assert (out / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
     # the verdict: each pretrained run against the supervised one of its fraction, paired on the same test images
     comparisons = list(csv.DictReader(open(out / "comparisons.csv")))
-    assert {(c["column"], c["fraction"]) for c in comparisons} == {("MoCo v2 finetune", "100"), ("MoCo v2 finetune", "50")}
+    assert {(c["column"], c["fraction"]) for c in comparisons} == {("MoCo v2 finetune", "100"),
+                                                                   ("MoCo v2 finetune", "50")}
     for c in comparisons:
         assert abs(float(c["difference"]) - (float(c["pretrained"]) - float(c["supervised"]))) < 1e-9
         mine = {r["column"]: r for r in rows if r["fraction"] == c["fraction"]}
@@ -61,9 +62,13 @@ def test_tiny_study_writes_tables_csv_and_plot_then_resumes(rsna_root, tmp_path,
     refusal = capsys.readouterr().err.strip().splitlines()
     assert len(refusal) == 1 and "other settings" in refusal[0] and "image_size 32 -> 48" in refusal[0]
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*.pth")}
-    # a damaged newest pretraining state (a copy cut short): the study passes over it to the intact one before it
+    # finished runs keep no training states; a damaged one (a copy cut short) is passed over for the intact
+    # published checkpoint
     states = out / "pretrain" / "mocov2" / "checkpoints"
-    (states / "state-e0009-b000000.pth").write_bytes((states / "state-e0001-b000000.pth").read_bytes()[:1000])
+    assert not states.exists() and not (out / "runs" / "supervised_50F_seed0" / "checkpoints").exists()
+    states.mkdir()
+    published = out / "pretrain" / "mocov2" / "checkpoint.pth"
+    (states / "state-e0009-b000000.pth").write_bytes(published.read_bytes()[:1000])
     assert study.main([*argv, "--fractions", "20", "--methods", "mocov2"]) == 0  # a new fraction needs the pretraining
     assert "trying the older" in capsys.readouterr().err
 
