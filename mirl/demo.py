@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from mirl.config import DownstreamConfig, PretrainConfig
 from mirl.datasets import RSNA
@@ -21,6 +22,7 @@ from mirl.edge import guarded
 from mirl.flags import image_size, non_negative_int, positive_int
 from mirl.pretrain import pretrain
 from mirl.sample_data import write_rsna
+from mirl.study import TestPatients, compare_with_supervised, verdict_lines
 
 RUNS = (("MoCo v2, frozen encoder + linear head", {"frozen": True}, "mocov2_frozen"),
         ("MoCo v2, fine-tuned", {}, "mocov2_finetune"),
@@ -45,25 +47,14 @@ def results_table(out: Path, fractions: list[int]) -> str:
     return "\n".join(lines)
 
 
-def verdict(out: Path, fraction: int) -> str:
-    """One line: did pretraining beat the supervised baseline at `fraction`, by intervals that do not overlap?"""
-    supervised = test_metrics(out, "resnet", fraction)
-    low, high = supervised["ci95"]["auc_macro"] or (None, None)
-    best_title, best = max(((title, test_metrics(out, name, fraction)) for title, _, name in RUNS[:2]),
-                           key=lambda item: item[1]["auc_macro"])
-    ours, theirs = best["auc_macro"], supervised["auc_macro"]
-    best_low, best_high = best["ci95"]["auc_macro"] or (None, None)
-    if None in (low, high, best_low, best_high):
-        separated = "; intervals unavailable"
-    elif best_low > high or best_high < low:
-        separated = ", and the 95 % intervals do not overlap"
-    else:
-        separated = ", but the 95 % intervals overlap: no clear difference on this little data"
-    if ours > theirs:
-        return (f"At {fraction} % of labels, pretraining helped: {best_title} {ours:.3f} against supervised "
-                f"{theirs:.3f} test macro AUC{separated}.")
-    return (f"At {fraction} % of labels, pretraining did not help: the best pretrained run ({best_title}) scored "
-            f"{ours:.3f} against supervised {theirs:.3f} test macro AUC{separated}.")
+def verdict(out: Path, fraction: int, patients: Callable[[str], str]) -> str:
+    """One line: did the better pretrained run beat the supervised baseline at `fraction`, by a paired bootstrap
+    over test patients (`patients` names each test image's) of the difference in test macro AUC?"""
+    supervised = out / "runs" / f"resnet_{fraction}F"
+    comparisons = [{"column": title, "fraction": fraction, "seed": 0,
+                    **compare_with_supervised(out / "runs" / f"{name}_{fraction}F", supervised, RSNA, patients)}
+                   for title, _, name in RUNS[:2]]
+    return verdict_lines(comparisons, [fraction])[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if status:
             return status
     table = results_table(args.out, args.fractions)
-    summary = verdict(args.out, args.fractions[1])
+    summary = verdict(args.out, args.fractions[1], TestPatients(RSNA, data))
     (args.out / "results.md").write_text(f"{table}\n\n{summary}\n")
     print(f"\n{table}\n\n{summary}\n(sample data: 80 synthetic patients show the pipeline works end to end; "
           "real-data results are in the README)")

@@ -37,7 +37,14 @@ from mirl.metrics import bootstrap_interval, evaluate, primary_metric, reported_
 from mirl.models import ENCODERS, METHODS, MethodSpec, architecture, build_classifier, known_architecture
 from mirl.optim import build_scheduler
 from mirl.run_files import RunLog, open_run, provenance
-from mirl.runtime import precision_name, prepare_network, resolve_device, resolve_precision, seed_everything
+from mirl.runtime import (
+    OtherProcessesLoad,
+    precision_name,
+    prepare_network,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from mirl.splits import load_splits, split_digest, split_files_digest
 from mirl.training import Trainer
 
@@ -249,6 +256,7 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
     method = METHODS[config.method]
     device = resolve_device(config.device)
     distributed.init_from_environment(device)  # first: the run's identity holds the world size
+    load = OtherProcessesLoad()  # over the start-up: were the cores already busy?
     store, resume_from, resumed = open_run(config.output_dir, config.keep, publish=False, resume=config.resume)
     arch, encoder, source, pretraining_data = starting_weights(method, config)
     run = replace(config, arch=arch)
@@ -367,6 +375,8 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
             model.load_state_dict(resumed["model"])
             best.update(resumed["best"])
             trainer.restore(resumed, resume_from)
+    if not distributed.is_distributed():  # under torchrun the other ranks keep cores busy by design
+        load.warn_if_busy()
     trainer.fit(run.epochs, log, end_of_epoch, train_mode)
     if run.frozen:  # back to the plain torchvision classifier, holding the head chosen on validation
         family.replace_output_layer(model, nn.Linear(family.output_layer(model).heads[0].in_features,

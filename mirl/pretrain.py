@@ -25,7 +25,14 @@ from mirl.monitor import KnnMonitor, sample_records
 from mirl.optim import LARS, build_scheduler, lars_parameter_groups
 from mirl.positives import PairedImages, partner_candidates
 from mirl.run_files import RunLog, open_run, provenance
-from mirl.runtime import precision_name, prepare_network, resolve_device, resolve_precision, seed_everything
+from mirl.runtime import (
+    OtherProcessesLoad,
+    precision_name,
+    prepare_network,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from mirl.splits import load_splits, split_digest, split_files_digest
 from mirl.training import Trainer
 
@@ -162,6 +169,7 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     method = METHODS[config.method]
     device = resolve_device(config.device)
     distributed.init_from_environment(device)  # first: the run's identity holds the world size
+    load = OtherProcessesLoad()  # over the start-up: were the cores already busy?
     store, resume_from, resumed = open_run(config.output_dir, config.keep, publish=True, resume=config.resume)
     run = settled_config(method, config, resumed, description)
     identity = pretraining_identity(description, run)
@@ -254,6 +262,8 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     if resumed is not None:
         with reading_state(resume_from):
             trainer.restore(resumed, resume_from)
+    if not distributed.is_distributed():  # under torchrun the other ranks keep cores busy by design
+        load.warn_if_busy()
     trainer.fit(run.epochs, log, end_of_epoch, train_mode=model.train)
     if not run.keep_states:  # published: checkpoint.pth, a hard link of the newest state, is what remains
         store.remove_states()

@@ -151,12 +151,30 @@ def progress(iterable: Iterable[T], **options: object) -> Iterable[T]:
 PROJECT = Path(__file__).resolve().parent.parent
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what the platform module says)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def provenance() -> dict[str, object]:
     """What a rerun needs beyond the flags: the command, the project's git commit (and whether files differed
-    from it) when MIRL runs from a git checkout, and the versions of Python, torch, torchvision and numpy."""
+    from it) when MIRL runs from a git checkout, the versions of Python, torch, torchvision and numpy, and what
+    the numbers depend on beyond them: the CPU (its model and the instruction set torch's kernels use), the
+    number of threads, the GPU and its CUDA and cuDNN versions. Within one machine and these, `--deterministic`
+    runs repeat bit for bit; across CPU kinds or thread counts floating-point sums run in another order."""
     record: dict[str, object] = {"command": [sys.executable, *sys.argv], "python": platform.python_version(),
                                  "torch": torch.__version__, "torchvision": torchvision.__version__,
-                                 "numpy": np.__version__, "git_commit": None, "git_uncommitted_changes": None}
+                                 "numpy": np.__version__, "cpu": cpu_model(),
+                                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                 "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                                 "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                                 "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+                                 "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+                                 "git_commit": None, "git_uncommitted_changes": None}
     if (PROJECT / ".git").exists():
         def git(*args: str) -> str:
             return subprocess.run(["git", *args], cwd=PROJECT, capture_output=True, text=True, timeout=30,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import random
+import sys
+import time
 from contextlib import ExitStack
 from typing import Callable, ParamSpec, TypeVar
 
@@ -96,3 +98,41 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class OtherProcessesLoad:
+    """How many cores other processes kept busy while this run started, from the kernel's CPU counters
+    (/proc/stat) less this process's own CPU time, over the run's start-up (listing data, building the
+    model): no extra wait. On 2 cores a second torch job slows a run up to 15x, so a run says so at once
+    instead of after an hour. None where /proc/stat does not exist."""
+
+    def __init__(self) -> None:
+        self.started = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        """(busy seconds of all cores, this process's CPU seconds, wall time), or None without /proc/stat."""
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(v) for v in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and waiting for I/O
+        times = os.times()
+        own = times.user + times.system + times.children_user + times.children_system  # its finished workers too
+        return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK"), own, time.monotonic()
+
+    def cores(self) -> float | None:
+        """The cores other processes kept busy since this object was made, on average."""
+        now = self._sample()
+        if self.started is None or now is None or now[2] - self.started[2] < 0.2:
+            return None
+        busy, own, wall = (b - a for a, b in zip(self.started, now))
+        return max(0.0, (busy - own) / wall)
+
+    def warn_if_busy(self) -> None:
+        """One warning line on stderr when others kept at least half a core, and a quarter of the cores, busy."""
+        cores, available = self.cores(), os.cpu_count() or 1
+        if cores is not None and cores >= 0.5 and cores >= available / 4:
+            print(f"warning: other processes kept {cores:.1f} of the {available} cores busy while this run started; "
+                  "it will run slower than alone (two torch jobs on 2 cores: up to 15 times slower)", file=sys.stderr)

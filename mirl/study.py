@@ -254,39 +254,52 @@ def plot(rows: list[dict], description: DatasetDescription, columns: list[str], 
     figure.savefig(path, dpi=150)
 
 
+class TestPatients:
+    """Each labelled image's patient by image id, read once (an RSNA slice's from its header): what a paired
+    bootstrap resamples."""
+
+    def __init__(self, description: DatasetDescription, data_root: Path) -> None:
+        self.description = description
+        self.records = {r.image_id: r for r in description.find_labelled(data_root)}
+        self.known: dict[str, str] = {}
+
+    def __call__(self, image_id: str) -> str:
+        if image_id not in self.known:
+            self.known[image_id] = self.description.patient_group(self.records[image_id]) or image_id
+        return self.known[image_id]
+
+
+def compare_with_supervised(pretrained: Path, supervised: Path, description: DatasetDescription,
+                            patients: Callable[[str], str]) -> dict:
+    """Two downstream runs' test predictions (`pretrained` and `supervised` output dirs) on the test images both
+    could read: the selection metric of each, their difference, and its 95 % paired bootstrap interval over
+    whole test patients (both runs scored on the same resampled patients each time)."""
+    metric = primary_metric(description.multilabel)
+
+    def score(truth: np.ndarray, probability: np.ndarray) -> float | None:
+        return evaluate(truth, probability, description.classes, description.multilabel)[metric]
+    ours, theirs = (np.load(folder / PREDICTIONS_FILE) for folder in (pretrained, supervised))
+    common = sorted(set(ours["image_ids"]) & set(theirs["image_ids"]))
+    a, b = ([rows[image_id] for image_id in common]
+            for rows in ({image_id: i for i, image_id in enumerate(p["image_ids"])} for p in (ours, theirs)))
+    truth, groups = ours["truth"][a], [patients(image_id) for image_id in common]
+    difference, interval = paired_difference(truth, ours["probability"][a], theirs["probability"][b], groups, score)
+    return {"metric": metric, "pretrained": score(truth, ours["probability"][a]),
+            "supervised": score(truth, theirs["probability"][b]), "difference": difference,
+            "ci_low": interval[0] if interval else None, "ci_high": interval[1] if interval else None,
+            "test_images": len(common), "test_patients": len(set(groups))}
+
+
 def paired_comparisons(runs: list[Run], out: Path, description: DatasetDescription, data_root: Path) -> list[dict]:
-    """Each pretrained run against the supervised run of its fraction and seed, on the test images both could
-    read: the selection metric of each, their difference and its 95 % paired bootstrap interval over whole
-    test patients (both runs scored on the same resampled patients each time)."""
+    """Each pretrained run against the supervised run of its fraction and seed (`compare_with_supervised`)."""
     supervised = {(r.fraction, r.seed): r for r in runs if r.method == SUPERVISED}
     pretrained = [r for r in runs if r.method not in UNPRETRAINED and (r.fraction, r.seed) in supervised]
     if not pretrained:
         return []
-    metric = primary_metric(description.multilabel)
-    records = {r.image_id: r for r in description.find_labelled(data_root)}
-    patients: dict[str, str] = {}  # an RSNA slice's patient is read from its header once
-
-    def score(truth: np.ndarray, probability: np.ndarray) -> float | None:
-        return evaluate(truth, probability, description.classes, description.multilabel)[metric]
-    comparisons = []
-    for run in pretrained:
-        pair = (run, supervised[run.fraction, run.seed])
-        ours, theirs = (np.load(out / "runs" / r.name / PREDICTIONS_FILE) for r in pair)
-        common = sorted(set(ours["image_ids"]) & set(theirs["image_ids"]))
-        rows = [{image_id: i for i, image_id in enumerate(p["image_ids"])} for p in (ours, theirs)]
-        a, b = ([rows[k][image_id] for image_id in common] for k in (0, 1))
-        for image_id in common:
-            if image_id not in patients:
-                patients[image_id] = description.patient_group(records[image_id]) or image_id
-        truth = ours["truth"][a]
-        difference, interval = paired_difference(truth, ours["probability"][a], theirs["probability"][b],
-                                                 [patients[i] for i in common], score)
-        comparisons.append({"column": run.column, "fraction": run.fraction, "seed": run.seed, "metric": metric,
-                            "pretrained": score(truth, ours["probability"][a]),
-                            "supervised": score(truth, theirs["probability"][b]), "difference": difference,
-                            "ci_low": interval[0] if interval else None, "ci_high": interval[1] if interval else None,
-                            "test_images": len(common), "test_patients": len({patients[i] for i in common})})
-    return comparisons
+    patients = TestPatients(description, data_root)
+    return [{"column": run.column, "fraction": run.fraction, "seed": run.seed,
+             **compare_with_supervised(out / "runs" / run.name, out / "runs" / supervised[run.fraction, run.seed].name,
+                                       description, patients)} for run in pretrained]
 
 
 def verdict_lines(comparisons: list[dict], fractions: list[int]) -> list[str]:

@@ -157,6 +157,7 @@ class Trainer:
         batch_size = self.loader.batch_size
         lines = is_main_process() and not sys.stdout.isatty()
         log.step = self.step.steps
+        pace = Pace(self.step.steps) if is_main_process() else Pace(None)
         epoch_bar = progress(range(self.epoch, epochs), desc="epochs", unit="epoch", initial=self.epoch, total=epochs)
         with StopSignals() as stop:
             for epoch in epoch_bar:
@@ -185,6 +186,7 @@ class Trainer:
                         batch_bar.set_postfix(loss=f"{loss:.4f}", skipped=len(self.skipped))
                         if self.save_every and self.step.steps % self.save_every == 0:
                             self.save()
+                        pace.after_step(self.step.steps, epochs * len(self.loader))
                     if any_rank(stop.received is not None, self.device):
                         path = self.save()
                         raise TrainingInterrupted(f"{stop.received or 'a stop signal'} received: saved the state after "
@@ -236,6 +238,28 @@ class Trainer:
             return
         lines = ["image_id,file,reason"] + [",".join(csv_field(v) for v in row) for row in self.skipped]
         atomic_write_text(self.skipped_csv, "\n".join(lines) + "\n")
+
+
+class Pace:
+    """Says once, after the first steps, how long the run will take at their pace: the first WARMUP steps
+    (slower: allocation, first kernels) are not timed, the next TIMED ones are."""
+
+    WARMUP, TIMED = 3, 10
+
+    def __init__(self, first_step: int | None) -> None:
+        self.first_step, self.started = first_step, None
+
+    def after_step(self, steps: int, total_steps: int) -> None:
+        if self.first_step is None or total_steps - steps < self.TIMED:
+            return
+        if steps == self.first_step + self.WARMUP:
+            self.started = time.monotonic()
+        elif steps == self.first_step + self.WARMUP + self.TIMED and self.started is not None:
+            seconds = (time.monotonic() - self.started) / self.TIMED * (total_steps - steps)
+            shown = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+            print(f"expected: about {shown} for the {total_steps - steps:,} steps left, at the pace of the first "
+                  "steps (evaluation passes come on top)", flush=True)
+            self.first_step = None
 
 
 def state_bytes(snapshot: dict, optimizer: torch.optim.Optimizer) -> int:

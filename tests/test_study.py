@@ -103,18 +103,23 @@ def test_knn_scores_by_hand():
 
 
 def test_the_demo_says_in_one_line_whether_pretraining_helped(tmp_path):
-    def write(name: str, fraction: int, auc: float, low: float, high: float) -> None:
-        folder = tmp_path / "runs" / f"{name}_{fraction}F"
-        folder.mkdir(parents=True)
-        (folder / "metrics.json").write_text(json.dumps({"test": {"auc_macro": auc, "ci95": {"auc_macro": [low, high]}}}))
+    rng = np.random.default_rng(0)
+    truth = (rng.random((60, 6)) < 0.4).astype(np.float32)
+    ids = np.array([f"image{i}" for i in range(60)])
 
-    write("mocov2_frozen", 10, 0.70, 0.60, 0.80)
-    write("mocov2_finetune", 10, 0.90, 0.85, 0.95)
-    write("resnet", 10, 0.60, 0.50, 0.70)
-    line = demo.verdict(tmp_path, 10)
-    assert line.startswith("At 10 % of labels, pretraining helped: MoCo v2, fine-tuned 0.900 against supervised 0.600")
-    assert "do not overlap" in line and "\n" not in line
-    (tmp_path / "runs" / "resnet_10F" / "metrics.json").write_text(
-        json.dumps({"test": {"auc_macro": 0.93, "ci95": {"auc_macro": [0.88, 0.97]}}}))
-    line = demo.verdict(tmp_path, 10)
-    assert "did not help" in line and "overlap: no clear difference" in line
+    def write(name: str, probability: np.ndarray) -> None:
+        folder = tmp_path / "runs" / f"{name}_10F"
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "test_predictions.npz", image_ids=ids, truth=truth, probability=probability)
+
+    good, poor = np.clip(truth * 0.7 + rng.random((60, 6)) * 0.4, 0, 1), rng.random((60, 6))
+    write("mocov2_frozen", poor)
+    write("mocov2_finetune", good)
+    write("resnet", poor)
+    patient = {image_id: f"p{i // 3}" for i, image_id in enumerate(ids)}  # three images per patient
+    line = demo.verdict(tmp_path, 10, patient.get)
+    assert line.startswith("At 10 % of labels (seed 0): pretraining helped. Best pretrained, MoCo v2, fine-tuned:")
+    assert "paired bootstrap over 20 test patients" in line and "\n" not in line
+    write("resnet", good)
+    line = demo.verdict(tmp_path, 10, patient.get)
+    assert "no clear difference" in line and "difference +0.000" in line
