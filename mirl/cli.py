@@ -19,7 +19,7 @@ from mirl.config import DownstreamConfig, PretrainConfig, RunConfig
 from mirl.datasets import DATASETS, DatasetDescription, with_label_csv
 from mirl.downstream import downstream
 from mirl.edge import guarded
-from mirl.encoders import architecture_name
+from mirl.encoders import ENCODERS, architecture_name
 from mirl.errors import InputError
 from mirl.flags import (
     OneLineParser,
@@ -46,10 +46,14 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epo
     parser.add_argument("--split-dir", type=Path, default=None,
                         help="label-fraction split files, made on first use (default: splits/ beside the script "
                              "for its data/ folder, splits/DATA-HASH/ for other data)")
-    parser.add_argument("--epochs", type=positive_int, default=default_epochs)
+    parser.add_argument("--epochs", type=positive_int, default=default_epochs,
+                        help=f"default {default_epochs}, the paper's" if default_epochs else
+                        "default: 100 for --frozen, else 30, with enough passes over a small split per epoch that "
+                        "a run takes at least 200 optimizer steps")
     parser.add_argument("--batch-size", type=batch_size, default=RunConfig.batch_size)
-    parser.add_argument("--arch", type=architecture_name, default=None,
-                        help="encoder architecture (default resnet50; downstream: the checkpoint's)")
+    parser.add_argument("--arch", type=architecture_name, default=None, metavar="ARCH",
+                        help=f"encoder: {', '.join(ENCODERS)}, or any timm convolutional network as timm:NAME "
+                             "(default resnet50; downstream: the checkpoint's)")
     parser.add_argument("--image-size", type=image_size, default=RunConfig.image_size)
     parser.add_argument("--workers", type=non_negative_int, default=RunConfig.workers)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
