@@ -113,11 +113,15 @@ def bootstrap_interval(y_true: np.ndarray, probability: np.ndarray, patients: li
     """95 % percentile interval of `statistic` over resamples of whole patients with replacement.
 
     Slices of one patient are not independent, so resampling slices would make the interval too
-    narrow; each resample draws patients and takes all of their rows.
+    narrow; each resample draws patients and takes all of their rows. The same rows in the same order give
+    the same interval whatever the patients are called.
     """
     rng = np.random.default_rng(seed)
-    _, owner = np.unique(np.asarray(patients), return_inverse=True)
-    rows_of = [np.flatnonzero(owner == p) for p in range(owner.max() + 1)]
+    # patients numbered in order of their first row, not of their names: an RSNA patient's name is a hash
+    # salted per process, and numbering by it would draw other resamples, so another interval, at every run
+    _, first, owner = np.unique(np.asarray(patients), return_index=True, return_inverse=True)
+    owner = np.argsort(np.argsort(first))[owner.reshape(-1)]
+    rows_of = [np.flatnonzero(owner == p) for p in range(len(first))]
     values = []
     for _ in range(resamples):
         rows = np.concatenate([rows_of[p] for p in rng.integers(0, len(rows_of), len(rows_of))])

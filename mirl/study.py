@@ -2,10 +2,12 @@
 
 `python -m mirl.study {rsna,isic,acdc} --data-root DIR --output-dir DIR` pretrains each method once,
 trains every (method, mode, label fraction, seed) downstream run on the shared split files, and
-writes `results.md` (one table per metric: a row per fraction, a column per method and mode),
-`results.csv` (a row per run, every metric) and `label_efficiency.png` (metric against label
-fraction with a shaded 95 % interval). Runs whose metrics exist are skipped and pretrained
-checkpoints reused, so a stopped study continues where it stopped.
+writes `results.md` (one table per metric: a row per fraction, a column per method and mode, then a
+verdict per fraction from a paired patient bootstrap against the supervised run), `results.csv` (a row
+per run, every metric), `comparisons.csv` (each pretrained run against the supervised one) and
+`label_efficiency.png` (metric against label fraction with 95 % intervals). Runs whose metrics exist are
+skipped and pretrained checkpoints reused once their run identity is checked, so a stopped study
+continues where it stopped and a study asked for other settings in the same folder is refused.
 """
 from __future__ import annotations
 

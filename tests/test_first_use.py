@@ -70,3 +70,17 @@ def test_the_verdict_says_helped_worse_or_no_clear_difference():
     assert lines[1].startswith("At 10 % of labels (seed 0): no clear difference.")
     assert lines[2].startswith("At 1 % of labels (seed 0): pretraining did worse than supervised training.")
     assert "difference +0.100 [95 % paired bootstrap over 30 test patients: +0.020, +0.200]" in lines[0]
+
+
+def test_the_bootstrap_interval_does_not_depend_on_what_the_patients_are_called():
+    from mirl.metrics import bootstrap_interval
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 2, 120).astype(float)
+    probability = np.clip(truth * 0.3 + rng.random(120) * 0.7, 0, 1)
+    names = [f"p{i // 3:02d}" for i in range(120)]
+    salted = {name: f"{hash((name, 'salt')) & 0xffffffff:08x}" for name in set(names)}  # an RSNA patient hash
+
+    def auc(y, p):
+        return roc_auc_score(y, p)
+    assert bootstrap_interval(truth, probability, names, auc) == \
+        bootstrap_interval(truth, probability, [salted[n] for n in names], auc)
