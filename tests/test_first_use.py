@@ -84,3 +84,22 @@ def test_the_bootstrap_interval_does_not_depend_on_what_the_patients_are_called(
         return roc_auc_score(y, p)
     assert bootstrap_interval(truth, probability, names, auc) == \
         bootstrap_interval(truth, probability, [salted[n] for n in names], auc)
+
+
+def test_a_busy_core_is_seen_and_said_in_one_line(capsys):
+    import subprocess
+    import sys
+    import time
+
+    from mirl.runtime import OtherProcessesLoad
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)  # the loop is running
+        load = OtherProcessesLoad()
+        time.sleep(1.0)
+        assert load.cores() > 0.5
+        load.warn_if_busy()
+    finally:
+        busy.kill()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: other processes kept")
