@@ -304,6 +304,9 @@ def paired_comparisons(runs: list[Run], out: Path, description: DatasetDescripti
                                        description, patients)} for run in pretrained]
 
 
+MIN_VERDICT_PATIENTS = 10  # below this many test patients the resamples repeat a few patients: no verdict
+
+
 def verdict_lines(comparisons: list[dict], fractions: list[int]) -> list[str]:
     """Per label fraction, one line: did the best pretrained column beat supervised training, by a paired
     interval that excludes no difference (first seed's runs)?"""
@@ -317,6 +320,8 @@ def verdict_lines(comparisons: list[dict], fractions: list[int]) -> list[str]:
         metric = METRIC_TITLES.get(best["metric"], best["metric"])
         if best["ci_low"] is None:
             found, interval = "no interval (too few test patients of some class)", ""
+        elif best["test_patients"] < MIN_VERDICT_PATIENTS:  # a bootstrap of a handful of patients is no test
+            found, interval = f"too few test patients ({best['test_patients']}) to tell", ""
         else:
             found = ("pretraining helped" if best["ci_low"] > 0 else
                      "pretraining did worse than supervised training" if best["ci_high"] < 0 else

@@ -64,12 +64,14 @@ def test_the_verdict_says_helped_worse_or_no_clear_difference():
         return {"fraction": fraction, "seed": 0, "column": "MoCo v2 finetune", "metric": "auc_macro",
                 "pretrained": 0.5 + difference, "supervised": 0.5, "difference": difference, "ci_low": low,
                 "ci_high": high, "test_patients": 30}
+    few = {**comparison(5, 0.2, 0.1, 0.3), "test_patients": 3}
     lines = verdict_lines([comparison(100, 0.1, 0.02, 0.2), comparison(10, 0.01, -0.03, 0.05),
-                           comparison(1, -0.1, -0.2, -0.04)], [100, 10, 1])
+                           comparison(1, -0.1, -0.2, -0.04), few], [100, 10, 1, 5])
     assert lines[0].startswith("At 100 % of labels (seed 0): pretraining helped.")
     assert lines[1].startswith("At 10 % of labels (seed 0): no clear difference.")
     assert lines[2].startswith("At 1 % of labels (seed 0): pretraining did worse than supervised training.")
     assert "difference +0.100 [95 % paired bootstrap over 30 test patients: +0.020, +0.200]" in lines[0]
+    assert lines[3].startswith("At 5 % of labels (seed 0): too few test patients (3) to tell.")
 
 
 def test_the_bootstrap_interval_does_not_depend_on_what_the_patients_are_called():
