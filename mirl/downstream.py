@@ -266,9 +266,10 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
         check_same_run(resumed, identity, resume_from)
     precision = resolve_precision(run.precision, device)
     train, val, test = labelled_splits(description, run)
-    identity = {**identity, "splits": split_files_digest(run.split_dir)}  # the splits' contents, once they exist
+    splits = {"splits": split_files_digest(run.split_dir)}  # the splits' contents, once they exist
+    identity = {**identity, **splits}
     if resumed is not None:
-        check_same_run(resumed, identity, resume_from)
+        check_same_run(resumed, splits, resume_from)
     check_pretraining_data(run, pretraining_data, test)
 
     # the cache first: building it must not move the random streams that the seed sets for training

@@ -334,6 +334,14 @@ def verdict_lines(comparisons: list[dict], fractions: list[int]) -> list[str]:
     return lines
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """`rows` as a CSV file, a column for every key any row has, in the order they first appear."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def recorded_pretraining(folder: Path) -> tuple[dict | None, int]:
     """The run identity a pretraining folder's newest intact state records, and the epochs it finished (None,
     0 when nothing was trained there); a damaged newest state is passed over for the one before, as a
@@ -510,18 +518,11 @@ def run_study(args: argparse.Namespace) -> None:
     rows = result_rows(runs, out, description.name)
     columns = list(dict.fromkeys(r.column for r in runs))
     fractions = sorted(set(args.fractions), reverse=True)
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "results.csv", rows)
     tables = markdown_tables(rows, description, columns, fractions, args.pretrain_seeds)
     comparisons = paired_comparisons(runs, out, description, args.data_root)
     if comparisons:
-        with open(out / "comparisons.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(comparisons[0]))
-            writer.writeheader()
-            writer.writerows(comparisons)
+        write_csv(out / "comparisons.csv", comparisons)
     verdicts = verdict_lines(comparisons, fractions) or \
         ["No verdict: add `supervised` to --methods to compare pretraining with supervised training."]
     tables += "\n### Did pretraining help?\n\n" + "\n".join(f"- {line}" for line in verdicts) + "\n"
