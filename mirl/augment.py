@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from mirl.method_spec import View
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 REFERENCE_SIZE = 224  # blur sigmas in the papers are in pixels of a 224-pixel image
@@ -74,6 +76,15 @@ RECIPES: dict[str, AugmentRecipe] = {
                                 hue=0.1, grayscale_p=0.2, blur_p=1.0),
     "byol_view2": AugmentRecipe(crop_scale=(0.08, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
                                 hue=0.1, grayscale_p=0.2, blur_p=0.1, solarize_p=0.2),
+    # Caron et al. 2021, DINO (facebookresearch/dino DataAugmentationDINO): BYOL's colour, and per view blur always
+    # on the first global view, rarely on the second (then solarised now and then), half the time on the local
+    # ones; the crop areas here are the ViT recipe's, the ResNet recipe's come with the method's views
+    "dino_global1": AugmentRecipe(crop_scale=(0.4, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
+                                  hue=0.1, grayscale_p=0.2, blur_p=1.0),
+    "dino_global2": AugmentRecipe(crop_scale=(0.4, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
+                                  hue=0.1, grayscale_p=0.2, blur_p=0.1, solarize_p=0.2),
+    "dino_local": AugmentRecipe(crop_scale=(0.05, 0.4), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
+                                hue=0.1, grayscale_p=0.2, blur_p=0.5),
     # fine-tuning and the supervised baseline: mild crop and flip only
     "finetune": AugmentRecipe(crop_scale=(0.7, 1.0), flip_p=0.5),
     # MoCo's linear protocol (main_lincls): RandomResizedCrop with torchvision's default scale, and flip
@@ -108,7 +119,8 @@ def _dermoscopy(paper: AugmentRecipe) -> AugmentRecipe:
                    saturation=min(paper.saturation, 0.2), hue=min(paper.hue, 0.02), grayscale_p=0.0, solarize_p=0.0)
 
 
-# `--augment NAME`: how a method's paper recipes are adapted to a modality (recorded in config.json)
+# `--augment NAME` (one of `mirl.config.AUGMENT_STYLES`): how a method's paper recipes are adapted to a modality
+# (recorded in config.json)
 MODALITY_RECIPES: dict[str, Callable[[AugmentRecipe], AugmentRecipe]] = {
     "paper": lambda paper: paper,  # the papers' recipes, tuned on ImageNet photographs
     "grey": _grey,
@@ -125,6 +137,13 @@ def recipe_for(name: str, style: str) -> AugmentRecipe:
     if name in ("finetune", "linear"):
         return paper
     return MODALITY_RECIPES[style](paper)
+
+
+def view_recipe(view: View, style: str) -> AugmentRecipe:
+    """The recipe of one of a method's views: its paper recipe adapted to the modality, with the crop's area
+    range the method sets for the architecture where it sets one (DINO)."""
+    recipe = recipe_for(view.recipe, style)
+    return recipe if view.crop_scale is None else replace(recipe, crop_scale=view.crop_scale)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -48,24 +47,21 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, AugmentRecipe, BatchAugment, recipe_for
+from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, AugmentRecipe, BatchAugment, view_recipe
 from mirl.cache import dataset_images, open_cache
 from mirl.datasets import DATASETS, ImageDataset, ImageRecord, decode_record
 from mirl.edge import guarded
 from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_int
 from mirl.loaders import make_loader
-from mirl.models import METHODS, MoCo
+from mirl.encoders import architecture
+from mirl.method_spec import TrainingPlan, View
+from mirl.methods import METHODS
 from mirl.pretrain import build_optimizer
+from mirl.pretraining_method import PretrainingMethod
 from mirl.runtime import precision_name, prepare_network, resolve_device, resolve_precision
 from mirl.sample_data import write_rsna
+from mirl.teacher import momentum_teachers
 from mirl.training import TrainingStep
-
-
-@torch.no_grad()
-def loop_momentum_update(model: MoCo) -> None:
-    """The reference code's momentum update: one Python-level update per parameter pair."""
-    for online, target in zip(model._online_params(), model._target_params()):
-        target.mul_(model.momentum).add_(online.detach(), alpha=1.0 - model.momentum)
 
 
 def pil_views(recipe: AugmentRecipe, size: int) -> T.Compose:
@@ -86,7 +82,7 @@ def pil_views(recipe: AugmentRecipe, size: int) -> T.Compose:
 
 
 class DecodeAndAugmentEveryTime(Dataset):
-    """The reference data path: decode the file, then augment two views on the CPU, at every read."""
+    """The reference data path: decode the file, then augment each view on the CPU, at every read."""
 
     def __init__(self, records: list[ImageRecord], views: list[T.Compose]) -> None:
         self.records, self.views = records, views
@@ -94,9 +90,9 @@ class DecodeAndAugmentEveryTime(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> list[torch.Tensor]:
         image = Image.fromarray(decode_record(self.records[index]))
-        return torch.stack([view(image) for view in self.views])
+        return [view(image) for view in self.views]
 
 
 def timed_rates(runners: dict[str, Callable[[], int]], warmup: int, steps: int, device: torch.device,
@@ -124,23 +120,29 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def pretraining_model(method: str, arch: str, reference: bool, total_steps: int = 10 ** 6) -> torch.nn.Module:
+def pretraining_model(method: str, arch: str, reference: bool, total_steps: int = 10 ** 6) -> PretrainingMethod:
     """The method's network with its default options and, for the queue methods, the paper's K; for the
-    papers' recipe, MoCo with the reference's per-parameter momentum loop."""
+    papers' code path, its momentum teachers updated one parameter at a time, as the reference code does."""
     spec = METHODS[method]
-    model = spec.build(arch, spec.options(spec.paper_options), 0, total_steps)
-    if reference and isinstance(model, MoCo):
-        model.momentum_update = partial(loop_momentum_update, model)
+    model = spec.build(arch, spec.options(spec.paper_options), TrainingPlan(total_steps, steps_per_epoch=1000))
+    for teacher in momentum_teachers(model):
+        teacher.per_parameter = reference
     return model
 
 
-def contrastive_step(model: torch.nn.Module, method: str, batch_size: int, device: torch.device,
-                     precision: torch.dtype | None, views: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-                     ) -> TrainingStep:
-    """One training step of the method's optimizer at its paper learning rate for `batch_size`."""
+def method_views(method: str, arch: str, image_size: int) -> tuple[View, ...]:
+    """The views the method trains on at `image_size`, with its default options."""
     spec = METHODS[method]
-    optimizer = build_optimizer(model, spec.optimizer, spec.lr_per_256 * batch_size / 256, spec.weight_decay)
-    return TrainingStep(lambda images, _: model(*views(images))[0], optimizer, None, device, precision)
+    return spec.views(spec.options(spec.paper_options), image_size, architecture(arch).transformer)
+
+
+def contrastive_step(model: PretrainingMethod, method: str, arch: str, batch_size: int, device: torch.device,
+                     precision: torch.dtype | None, views: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+                     ) -> TrainingStep:
+    """One training step of the method's optimizer at its paper learning rate for `batch_size`, with its hooks."""
+    recipe = METHODS[method].recipe_for(architecture(arch).transformer)
+    optimizer = build_optimizer(model, recipe.optimizer, recipe.lr_per_256 * batch_size / 256, recipe.weight_decay)
+    return TrainingStep(lambda images, _: model(*views(images))[0], optimizer, None, device, precision, hooks=model)
 
 
 def step_flops(run_one: Callable[[], int]) -> float:
@@ -210,8 +212,8 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
     description = DATASETS[args.dataset]
     data_root = data_root.resolve()  # as the cache names its images
     records = dataset_images(description, data_root)
-    recipes = [recipe_for(name, "paper") for name in METHODS[args.method].recipes]
-    first_view, second_view = (BatchAugment(recipe, args.image_size) for recipe in recipes)
+    views = method_views(args.method, args.arch, args.image_size)
+    augments = [BatchAugment(view_recipe(view, "paper"), view.size) for view in views]
     torch.manual_seed(0)
 
     decoded = ImageDataset(records, args.image_size, 0)
@@ -234,17 +236,17 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
     model.train()
     sample = ImageDataset(records[:args.batch_size], args.image_size, 0, cache)
     first = torch.stack([sample[i][0] for i in range(len(sample))]).to(device)
-    fixed_views = torch.stack([first_view(first), second_view(first)]).contiguous()
-    model_step = contrastive_step(model, args.method, args.batch_size, device, precision,
-                                  lambda views: (views[0], views[1]))
+    fixed_views = tuple(augment(first).contiguous() for augment in augments)
+    model_step = contrastive_step(model, args.method, args.arch, args.batch_size, device, precision,
+                                  lambda _: fixed_views)
     loader = make_loader(ImageDataset(records, args.image_size, 0, cache), args.batch_size, args.workers,
                          shuffle=True, drop_last=True, seed=0)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    pipeline_step = contrastive_step(model, args.method, args.batch_size, device, precision,
-                                     lambda images: (first_view(images), second_view(images)))
+    pipeline_step = contrastive_step(model, args.method, args.arch, args.batch_size, device, precision,
+                                     lambda images: tuple(augment(images) for augment in augments))
 
     def model_only_one() -> int:
-        model_step(fixed_views, None)
+        model_step(None, None)
         return args.batch_size
 
     def pipeline_one() -> int:
@@ -258,19 +260,19 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
     if not args.skip_baseline:
         reference = pretraining_model(args.method, args.arch, reference=True).to(device)
         reference.train()
-        papers_views = [pil_views(recipe, args.image_size) for recipe in recipes]
+        papers_views = [pil_views(view_recipe(view, "paper"), view.size) for view in views]
         reference_loader = DataLoader(DecodeAndAugmentEveryTime(records, papers_views),
                                       batch_size=args.batch_size, shuffle=True, drop_last=True,
                                       num_workers=args.workers, persistent_workers=args.workers > 0,
                                       pin_memory=device.type == "cuda")
         reference_batches = itertools.chain.from_iterable(itertools.repeat(reference_loader))
-        reference_step = contrastive_step(reference, args.method, args.batch_size, device, None,
-                                          lambda views: (views[:, 0], views[:, 1]))
+        reference_step = contrastive_step(reference, args.method, args.arch, args.batch_size, device, None,
+                                          lambda views: tuple(views))
 
         def baseline_one() -> int:
-            views = next(reference_batches)
-            reference_step(views.to(device, non_blocking=True), None)
-            return len(views)
+            batch = [view.to(device, non_blocking=True) for view in next(reference_batches)]
+            reference_step(batch, None)
+            return len(batch[0])
         baseline_per_s = timed_rates({"baseline": baseline_one}, args.warmup, args.steps, device)["baseline"]
 
     peak_memory = peak_memory_mb(device)  # before the flop counter and the profiler add their own
@@ -292,7 +294,12 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
         "cache_read_per_s": cache_read_per_s,
         "cache_vs_decode": cache_read_per_s / decode_per_s,
         "peak_memory_mb": peak_memory,
-        "unit": "image pairs/s",
+        "unit": "image pairs/s" if len(views) == 2 else f"images/s ({len(views)} views each)",
+        "views": [f"{view.recipe} {view.size} px" for view in views],
+        "views_per_s": pipeline_per_s * len(views),
+        "model_only_views_per_s": model_only_per_s * len(views),
+        # what multi-crop costs in input pixels, against two views at the input size
+        "pixels_vs_two_views": sum(view.size ** 2 for view in views) / (2 * args.image_size ** 2),
         "device": device_name(device),
         "precision": precision_name(precision),
         "torch": torch.__version__,
@@ -301,9 +308,21 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
     }
 
 
+def side_by_side(by_method: dict[str, dict]) -> str:
+    """A table of several methods' rates, per image and per view."""
+    lines = ["| method | views | images/s | views/s | model-only views/s | efficiency | input pixels vs 2 views |",
+             "|---|---|---|---|---|---|---|"]
+    for method, figures in by_method.items():
+        lines.append(f"| {method} | {len(figures['views'])} | {figures['pipeline_per_s']:.1f} | "
+                     f"{figures['views_per_s']:.1f} | {figures['model_only_views_per_s']:.1f} | "
+                     f"{figures['efficiency']:.2f} | {figures['pixels_vs_two_views']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m mirl.benchmark", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", choices=sorted(METHODS), default="mocov2")
+    parser.add_argument("--method", nargs="+", choices=sorted(METHODS), default=["mocov2"],
+                        help="one method, or several measured one after another on the same data (side by side)")
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--image-size", type=image_size, default=224)
     parser.add_argument("--batch-size", type=batch_size, default=256)
@@ -329,7 +348,12 @@ def main(argv: list[str] | None = None) -> int:
                                        workers=os.cpu_count() or 1)
             else:
                 DATASETS[args.dataset].check_root(data_root)
-            results = run_benchmark(args, data_root, args.cache or Path(scratch) / "cache")
+            cache = args.cache or Path(scratch) / "cache"
+            by_method = {method: run_benchmark(argparse.Namespace(**{**vars(args), "method": method}), data_root,
+                                               cache) for method in args.method}
+        results = by_method[args.method[0]] if len(by_method) == 1 else by_method
+        if len(by_method) > 1:
+            print(side_by_side(by_method))
         text = json.dumps(results, indent=2)
         if args.json:
             args.json.write_text(text + "\n")

@@ -7,9 +7,7 @@ moving target are what keep the two networks from collapsing to a constant.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import math
 
 import torch
 import torch.nn as nn
@@ -17,9 +15,11 @@ import torch.nn.functional as F
 
 from mirl.distributed import convert_to_cross_rank_batchnorm
 from mirl.encoders import build_encoder
-from mirl.flags import momentum
-from mirl.method_spec import MethodSpec, Options
+from mirl.method_spec import TrainingPlan
+from mirl.methods import BYOLOptions
+from mirl.pretraining_method import PretrainingMethod
 from mirl.runtime import full_precision
+from mirl.teacher import MomentumTeacher, cosine_momentum
 
 BASE_TARGET_MOMENTUM = 0.996
 HIDDEN_DIM, PROJECTION_DIM = 4096, 256
@@ -32,18 +32,13 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * F.cosine_similarity(prediction, target, dim=-1)).mean()
 
 
-def target_momentum(step: int, total_steps: int, base: float = BASE_TARGET_MOMENTUM) -> float:
-    """The target's EMA rate at `step`: `base` at the start, 1 at the end, along a cosine."""
-    return 1 - (1 - base) * (math.cos(math.pi * min(step, total_steps) / max(1, total_steps)) + 1) / 2
-
-
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """BYOL's projector and predictor: Linear, BatchNorm, ReLU, Linear."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, out_dim))
 
 
-class BYOL(nn.Module):
+class BYOL(PretrainingMethod):
     """The online encoder, projector and predictor, and their target twins moved by EMA.
 
     Each view passes each network on its own, so BatchNorm normalises a view's batch with its own statistics
@@ -62,21 +57,19 @@ class BYOL(nn.Module):
         self.predictor = convert_to_cross_rank_batchnorm(mlp(dim, hidden_dim, dim))
         self.target_encoder = copy.deepcopy(self.online_encoder)
         self.target_projector = copy.deepcopy(self.online_projector)
-        for target in self._target_params():
-            target.requires_grad = False
+        self.teacher = MomentumTeacher([self.online_encoder, self.online_projector],
+                                       [self.target_encoder, self.target_projector])
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def _online_params(self) -> list[nn.Parameter]:
-        return list(self.online_encoder.parameters()) + list(self.online_projector.parameters())
+        return self.teacher.student_parameters()
 
     def _target_params(self) -> list[nn.Parameter]:
-        return list(self.target_encoder.parameters()) + list(self.target_projector.parameters())
+        return self.teacher.teacher_parameters()
 
-    @torch.no_grad()
     def update_target(self) -> None:
         """xi <- tau xi + (1 - tau) theta with tau on its schedule, as one fused operation; then one step on."""
-        tau = target_momentum(int(self.step), self.total_steps, self.base_momentum)
-        torch._foreach_lerp_(self._target_params(), self._online_params(), 1.0 - tau)
+        self.teacher.update(cosine_momentum(int(self.step), self.total_steps, self.base_momentum))
         self.step += 1
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,16 +85,5 @@ class BYOL(nn.Module):
         return self.online_encoder
 
 
-def byol_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target-momentum", type=momentum, default=BASE_TARGET_MOMENTUM,
-                        help="the EMA target's rate at the start; it rises to 1 along a cosine")
-
-
-def build_byol(arch: str, options: Options, label_dim: int, total_steps: int) -> nn.Module:
-    return BYOL(arch, total_steps, base_momentum=options["target_momentum"])
-
-
-# LARS at 0.2 per 256 images, weight decay 1.5e-6, 10 warm-up epochs, cosine, 300 epochs; asymmetric views
-BYOL_METHOD = MethodSpec("byol", "BYOL", "trainBYOL.py", schedule="cosine", optimizer="lars", lr_per_256=0.2,
-                         weight_decay=1.5e-6, warmup_epochs=10, epochs=300, recipes=("byol_view1", "byol_view2"),
-                         build=build_byol, add_flags=byol_flags)
+def build_byol(arch: str, options: BYOLOptions, plan: TrainingPlan) -> BYOL:
+    return BYOL(arch, plan.total_steps, base_momentum=options.target_momentum)

@@ -24,11 +24,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mirl.config import describe_differences, identity_differences
+from mirl.config import CHECKPOINT_NAME, describe_differences, identity_differences
 from mirl.distributed import is_main_process
 from mirl.errors import CheckpointError, InputError, OutputError
 
-CHECKPOINT_NAME = "checkpoint.pth"
 STATES_FOLDER = "checkpoints"
 _STATE_NAME = re.compile(r"state-e(\d{4,})-b(\d{6,})\.pth")
 

@@ -1,7 +1,9 @@
 """The scripts' edge: command-line flags, their checks, and turning input errors into one line.
 
 Each dataset folder's scripts call `pretrain_script` or `downstream_script` with the dataset and
-method they bind; defaults for data, splits and outputs live next to the script.
+method they bind; defaults for data, splits and outputs live next to the script. Everything the flags
+need is torch-free (`mirl.config`, `mirl.flags`, the method registry), and the training code is imported
+once the flags have parsed: `--help` and a mistyped flag answer at once.
 """
 from __future__ import annotations
 
@@ -11,18 +13,22 @@ import json
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from mirl.augment import MODALITY_RECIPES
-from mirl.checkpoints import CHECKPOINT_NAME
-from mirl.config import DownstreamConfig, PretrainConfig, RunConfig
-from mirl.datasets import DATASETS, DatasetDescription, with_label_csv
-from mirl.downstream import downstream
-from mirl.edge import guarded
-from mirl.encoders import ENCODERS, architecture_name
+from mirl.config import (
+    AUGMENT_STYLES,
+    CHECKPOINT_NAME,
+    FRACTIONS,
+    POSITIVES,
+    DownstreamConfig,
+    PretrainConfig,
+    RunConfig,
+)
 from mirl.errors import InputError
 from mirl.flags import (
+    TORCHVISION_ENCODERS,
     OneLineParser,
+    architecture_name,
     batch_size,
     image_size,
     non_negative_float,
@@ -31,13 +37,13 @@ from mirl.flags import (
     positive_int,
     random_seed,
 )
-from mirl.models import METHODS
-from mirl.positives import POSITIVES
-from mirl.pretrain import pretrain
-from mirl.splits import FRACTIONS
+from mirl.methods import METHODS
+
+if TYPE_CHECKING:
+    from mirl.datasets import DatasetDescription
 
 
-def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epochs: int) -> None:
+def _common_arguments(parser: argparse.ArgumentParser, folder: Path, epochs_help: str) -> None:
     parser.add_argument("--data-root", type=Path, default=folder / "data",
                         help="dataset folder (default: data/ beside the script)")
     parser.add_argument("--output-dir", type=Path, default=None,
@@ -46,14 +52,12 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, default_epo
     parser.add_argument("--split-dir", type=Path, default=None,
                         help="label-fraction split files, made on first use (default: splits/ beside the script "
                              "for its data/ folder, splits/DATA-HASH/ for other data)")
-    parser.add_argument("--epochs", type=positive_int, default=default_epochs,
-                        help=f"default {default_epochs}, the paper's" if default_epochs else
-                        "default: 100 for --frozen, else 30, with enough passes over a small split per epoch that "
-                        "a run takes at least 200 optimizer steps")
+    parser.add_argument("--epochs", type=positive_int, default=None, help=epochs_help)
     parser.add_argument("--batch-size", type=batch_size, default=RunConfig.batch_size)
     parser.add_argument("--arch", type=architecture_name, default=None, metavar="ARCH",
-                        help=f"encoder: {', '.join(ENCODERS)}, or any timm convolutional network as timm:NAME "
-                             "(default resnet50; downstream: the checkpoint's)")
+                        help=f"encoder: {', '.join(TORCHVISION_ENCODERS)}, or any timm network as timm:NAME "
+                             "(a vision transformer such as timm:vit_small_patch16_224 with DINO) (default resnet50; "
+                             "downstream: the checkpoint's)")
     parser.add_argument("--image-size", type=image_size, default=RunConfig.image_size)
     parser.add_argument("--workers", type=non_negative_int, default=RunConfig.workers)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -103,9 +107,10 @@ def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.Argumen
     spec = METHODS[method]
     parser = OneLineParser(prog=f"{spec.title} pretraining on {dataset}",
                            description=f"Self-supervised {spec.title} pretraining of an encoder; labels unused.")
-    _common_arguments(parser, folder, spec.epochs)
-    parser.add_argument("--optimizer", choices=("sgd", "lars"), default=spec.optimizer)
-    parser.add_argument("--augment", choices=sorted(MODALITY_RECIPES), default=None,
+    _common_arguments(parser, folder, f"default {spec.recipe.epochs}, the paper recipe's")
+    parser.add_argument("--optimizer", choices=("sgd", "lars", "adamw"), default=None,
+                        help="default: the method's paper recipe for the architecture (README, Methods)")
+    parser.add_argument("--augment", choices=AUGMENT_STYLES, default=None,
                         help="how the method's paper recipes fit the images: paper (as published), grey (any "
                              "grey-scale image), ct (window level/width jitter), mr (intensity scale, offset, "
                              "gamma), dermoscopy (every flip and quarter turn, mild colour jitter); default: the "
@@ -120,6 +125,13 @@ def pretrain_parser(dataset: str, method: str, folder: Path) -> argparse.Argumen
                              "downloaded) that the encoder(s) start from instead of random weights")
     parser.add_argument("--knn-images", type=non_negative_int, default=PretrainConfig.knn_images,
                         help="labelled train images in the kNN monitor's bank (half as many val queries); 0: off")
+    if spec.label_aware:
+        parser.add_argument("--supervised", action="store_true",
+                            help=f"label-aware {spec.title}: images of the --fraction split that share a label are "
+                                 "positives too (supervised contrastive loss over the queue); the other images stay "
+                                 "unlabelled")
+        parser.add_argument("--fraction", type=int, choices=FRACTIONS, default=100,
+                            help="with --supervised: percent of training labels used (its split file)")
     spec.add_flags(parser)
     return parser
 
@@ -129,8 +141,8 @@ def downstream_parser(dataset: str, method: str, folder: Path) -> argparse.Argum
     parser = OneLineParser(prog=f"{spec.title} downstream on {dataset}",
                            description="Train a classifier on a label fraction: from the pretrained encoder "
                                        "(fine-tune, or --frozen linear probe) or a supervised ResNet (--resnet).")
-    _common_arguments(parser, folder, 0)
-    parser.set_defaults(epochs=None)
+    _common_arguments(parser, folder, "default: 100 for --frozen, else 30, with enough passes over a small split "
+                                      "per epoch that a run takes at least 200 optimizer steps")
     parser.add_argument("--pretrained", type=Path, default=None,
                         help=f"checkpoint written by {spec.script} (default: the one it wrote by default for "
                              "the same data)")
@@ -151,6 +163,7 @@ def downstream_parser(dataset: str, method: str, folder: Path) -> argparse.Argum
 
 def bound_dataset(dataset: str, config: RunConfig) -> DatasetDescription:
     """The script's dataset, or the user's own labelled data when `--labels` is given."""
+    from mirl.datasets import DATASETS, with_label_csv  # after parsing: see the module's docstring
     if config.labels is None:
         if config.group_column is not None:
             raise InputError("--group-column names a column of your --labels CSV; pass --labels too")
@@ -264,6 +277,8 @@ def pretrain_script(dataset: str, method: str, script_file: str, argv: list[str]
     config = PretrainConfig.from_flags({**vars(args), "method": method, "script": script,
                                         "split_dir": args.split_dir or splits,
                                         "output_dir": args.output_dir or runs / default_run})
+    from mirl.edge import guarded  # after parsing: see the module's docstring
+    from mirl.pretrain import pretrain
     return guarded(lambda: pretrain(bound_dataset(dataset, config), config))
 
 
@@ -287,4 +302,6 @@ def downstream_script(dataset: str, method: str, script_file: str, argv: list[st
                                           "split_dir": args.split_dir or splits,
                                           "output_dir": args.output_dir or runs / downstream_run_name(method, args),
                                           "pretrained": args.pretrained or runs / method / CHECKPOINT_NAME})
+    from mirl.downstream import downstream  # after parsing: see the module's docstring
+    from mirl.edge import guarded
     return guarded(lambda: downstream(bound_dataset(dataset, config), config))

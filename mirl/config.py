@@ -28,6 +28,12 @@ OUTSIDE_IDENTITY = ("output_dir", "resume", "workers", "device", "cache", "chann
                     "save_minutes", "keep", "keep_states", "transfer", "script", "split_dir")
 NOT_FLAGS = ("options", "method", "script")  # fields a script binds itself, not from a flag
 
+# The choices of a run's fields, here so that a script's flags are defined without importing torch
+FRACTIONS = (100, 50, 20, 10, 5, 1)  # percent of the training labels, one split file each
+POSITIVES = ("views", "study", "patient")  # what a pair's two views come from (`mirl.positives`)
+AUGMENT_STYLES = ("paper", "grey", "ct", "mr", "dermoscopy")  # `mirl.augment.MODALITY_RECIPES`
+CHECKPOINT_NAME = "checkpoint.pth"  # a run's published state, beside its config.json and metrics
+
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:

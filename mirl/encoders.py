@@ -8,12 +8,12 @@ What the methods assume of an encoder, made explicit here: it maps an image batc
 per image; MoCo's shuffle-BN substitute (`SplitBatchNorm2d`) replaces whatever BatchNorm2d layers it has
 (a network without BatchNorm, such as ConvNeXt with LayerNorm, leaks nothing across a batch and needs
 none); random layers (dropout, stochastic depth, timm's DropPath) are kept out of MoCo's key encoder.
-Vision transformers are refused: their patch embedding fixes the input size, and the recipes here are
-the CNN papers' (MoCo v3 changed the optimizer and froze the patch projection to train ViTs stably).
+Vision transformers (`timm:vit_small_patch16_224`) are built to take any input size (their position
+embedding interpolated, as DINO's multi-crop needs) and hand on their class token; only a method with a
+recipe for them trains them (DINO: MoCo, SimCLR and BYOL's recipes are the CNN papers').
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -27,8 +27,7 @@ import torchvision
 
 from mirl.checkpoints import load_checkpoint
 from mirl.errors import CheckpointError, InputError
-
-TIMM_PREFIX = "timm:"
+from mirl.flags import TIMM_PREFIX, TORCHVISION_ENCODERS
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,7 @@ class Architecture:
 
     build: Callable[[int], nn.Module]
     classifier: str
+    transformer: bool = False
 
     @property
     def classifier_prefix(self) -> str:
@@ -70,14 +70,11 @@ def torchvision_architecture(builder: Callable[..., nn.Module], classifier: str)
     return Architecture(lambda num_classes: builder(weights=None, num_classes=num_classes), classifier)
 
 
+# ResNets keep their classifier in `fc`, EfficientNets in `classifier` (a dropout, then the linear layer)
 ENCODERS: dict[str, Architecture] = {
-    "resnet18": torchvision_architecture(torchvision.models.resnet18, "fc"),
-    "resnet50": torchvision_architecture(torchvision.models.resnet50, "fc"),
-    "efficientnet_b0": torchvision_architecture(torchvision.models.efficientnet_b0, "classifier"),
-    "efficientnet_b1": torchvision_architecture(torchvision.models.efficientnet_b1, "classifier"),
-    "efficientnet_b2": torchvision_architecture(torchvision.models.efficientnet_b2, "classifier"),
-    "efficientnet_b3": torchvision_architecture(torchvision.models.efficientnet_b3, "classifier"),
-}
+    name: torchvision_architecture(getattr(torchvision.models, name),
+                                   "fc" if name.startswith("resnet") else "classifier")
+    for name in TORCHVISION_ENCODERS}
 
 
 @cache
@@ -88,15 +85,19 @@ def timm_architecture(arch: str) -> Architecture:
     if not timm.is_model(name):
         raise InputError(f"--arch {arch}: timm has no model {name!r} (timm.list_models() lists them)")
     probe = timm.create_model(name, pretrained=False, num_classes=1)
-    if hasattr(probe, "patch_embed"):
-        raise InputError(f"--arch {arch} is a vision transformer: its patch embedding fixes the input size and "
-                         "the methods' recipes here are the CNN papers' (MoCo v3 changed both for ViTs); use a "
-                         "convolutional network (timm:resnet50, timm:convnext_tiny, ...)")
+    # a transformer's position embedding is sized for one input: built to interpolate it to any size instead
+    options = {"dynamic_img_size": True} if hasattr(probe, "patch_embed") else {}
+    if options:
+        try:
+            probe = timm.create_model(name, pretrained=False, num_classes=1, **options)
+        except TypeError:
+            raise InputError(f"--arch {arch} is a transformer that takes one input size only; MIRL trains those "
+                             "whose position embedding adapts (timm's ViTs: timm:vit_small_patch16_224, ...)") from None
     classifier = probe.default_cfg.get("classifier")
     if not isinstance(classifier, str) or not isinstance(probe.get_submodule(classifier), nn.Linear):
         raise InputError(f"--arch {arch}: its classifier is not one linear layer, which MIRL replaces")
-    return Architecture(lambda num_classes: timm.create_model(name, pretrained=False, num_classes=num_classes),
-                        classifier)
+    return Architecture(lambda num_classes: timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                                              **options), classifier, transformer=bool(options))
 
 
 def architecture(arch: str) -> Architecture:
@@ -106,14 +107,6 @@ def architecture(arch: str) -> Architecture:
     if arch.startswith(TIMM_PREFIX):
         return timm_architecture(arch)
     raise InputError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ENCODERS))}, or timm:NAME")
-
-
-def architecture_name(text: str) -> str:
-    """The `--arch` flag type: a registered torchvision architecture or `timm:NAME` (checked in full, and
-    refused in one line if MIRL cannot train it, when the run builds it)."""
-    if text not in ENCODERS and not (text.startswith(TIMM_PREFIX) and len(text) > len(TIMM_PREFIX)):
-        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(sorted(ENCODERS))}, nor timm:NAME")
-    return text
 
 
 def known_architecture(arch: object) -> bool:

@@ -35,6 +35,20 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+TORCHVISION_ENCODERS = ("resnet18", "resnet50", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2",
+                        "efficientnet_b3")  # `mirl.encoders.ENCODERS`, named here so that flags need no torch
+TIMM_PREFIX = "timm:"
+
+
+def architecture_name(text: str) -> str:
+    """The `--arch` flag type: a registered torchvision architecture or `timm:NAME` (checked in full, and
+    refused in one line if MIRL cannot train it, when the run builds it)."""
+    if text not in TORCHVISION_ENCODERS and not (text.startswith(TIMM_PREFIX) and len(text) > len(TIMM_PREFIX)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(sorted(TORCHVISION_ENCODERS))}, "
+                                         "nor timm:NAME")
+    return text
+
+
 SEED_LIMIT = 2 ** 32  # numpy's generators take seeds below this
 
 

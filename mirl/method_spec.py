@@ -1,74 +1,143 @@
-"""What a pretraining method registers: its paper defaults and how it plugs into the one training loop.
+"""What a pretraining method registers, without importing torch: its options, its views and its recipes.
 
-Each method module (`mirl.moco`, `mirl.simclr`, `mirl.byol`) defines its network, its loss as a named
-function and one or more `MethodSpec`s; `mirl.models.METHODS` collects them. Nothing outside a method's
-module needs to know which method it is.
+A method is two things. Its spec (here, collected in `mirl.methods`): the paper's training recipe, the
+views it trains on (how many, each one's augmentation recipe and size), its options as one frozen dataclass
+whose fields generate its command-line flags, and the name of the function that builds its network. And its
+network (`mirl.moco`, `mirl.simclr`, `mirl.byol`, `mirl.dino`), a `mirl.pretraining_method.PretrainingMethod`
+that owns its training step and hooks. The spec imports no torch, so a script answers `--help` or a bad flag
+before torch is loaded; the network's module is imported when a run builds it.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
-from typing import Callable, Mapping
+import importlib
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Callable, Mapping
 
-import torch.nn as nn
-
-from mirl.config import PretrainConfig
 from mirl.errors import InputError
 
-Options = Mapping[str, object]  # a method's own flags by argparse name, e.g. {"temperature": 0.2}
+
+def option(default: object, parse: Callable[[str], object], help: str) -> Any:
+    """A field of a method's options dataclass: its default, the function that parses its flag's text (the
+    flag types of `mirl.flags`) and its help."""
+    return field(default=default, metadata={"parse": parse, "help": help})
 
 
-def no_flags(parser: argparse.ArgumentParser) -> None:
-    """A method without flags of its own."""
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def no_preparation(options: Options, images: int) -> dict[str, object]:
-    """A method that needs nothing settled from the data before its network is built."""
-    return {}
+@dataclass(frozen=True)
+class View:
+    """One view a training step takes: the paper recipe of its augmentation (a key of `mirl.augment.RECIPES`),
+    its side in pixels and, where the method sets it per architecture (DINO), the crop's area range instead of
+    the recipe's. `teacher` views are the ones a teacher network also sees (DINO's global views)."""
+
+    recipe: str
+    size: int
+    crop_scale: tuple[float, float] | None = None
+    teacher: bool = True
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """A paper's optimisation: the optimizer (sgd, lars or adamw), the learning rate per 256 images (scaled
+    linearly to the global batch), the weight decay (on a cosine to `weight_decay_end` where that is given),
+    the schedule after `warmup_epochs` of linear warm-up, the number of epochs, and where the numbers come
+    from."""
+
+    optimizer: str
+    lr_per_256: float
+    weight_decay: float
+    schedule: str
+    warmup_epochs: int
+    epochs: int
+    source: str
+    weight_decay_end: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a method's network needs to know of the run it trains in: the optimizer steps in all and per
+    epoch (schedules that move per step, BYOL's and DINO's teacher momentum; DINO's first-epoch freeze), and
+    the width of the label vectors a label-aware run gives it (0: none)."""
+
+    total_steps: int
+    steps_per_epoch: int
+    label_dim: int = 0
+
+
+def no_preparation(options: Any, images: int) -> Any:
+    """A method that settles nothing from the data."""
+    return options
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A pretraining method: its paper defaults (learning rate per 256 images, scaled linearly to the
-    global batch), the augmentation recipe of each of its two views (names in `mirl.augment.RECIPES`),
-    its own flags (`add_flags`: their argparse defaults are the options' defaults), what it settles once
-    the number of pretraining images is known (`prepare`: MoCo's queue size, returned as options that
-    join the run's identity), and how its network is built from the architecture, the options, the size
-    of the label vectors (label-aware MoCo) and the number of optimizer steps (BYOL's EMA schedule)."""
+    """A pretraining method: its paper recipe (`recipe`; `transformer_recipe` for vision transformers, None
+    where the method has none and refuses them), its views (`views(options, image_size, transformer)`), its
+    options dataclass, what it settles once the number of images is known (`prepare`: MoCo's queue size; the
+    options it settles are `settled_options`), whether it can also train on a split's labels (`label_aware`,
+    the runs' `--supervised`), the options a paper-scale benchmark sets (MoCo's K = 65,536), and `builder`,
+    the `module:function` that builds its network from (arch, options, plan)."""
 
     name: str
     title: str
     script: str
-    schedule: str
-    optimizer: str
-    lr_per_256: float
-    weight_decay: float
-    warmup_epochs: int
-    epochs: int
-    recipes: tuple[str, str]
-    build: Callable[[str, Options, int, int], nn.Module]
-    add_flags: Callable[[argparse.ArgumentParser], None] = no_flags
-    prepare: Callable[[Options, int], dict[str, object]] = field(default=no_preparation)
-    # the options `prepare` settles (their requested value may be None): a resumed run compares them once settled
+    builder: str
+    options_type: type
+    recipe: TrainingRecipe
+    views: Callable[[Any, int, bool], tuple[View, ...]]
+    transformer_recipe: TrainingRecipe | None = None
+    prepare: Callable[[Any, int], Any] = no_preparation
     settled_options: tuple[str, ...] = ()
-    # trains on the labels of a fraction's split too when a run asks (`--supervised`, its flags added by add_flags)
     label_aware: bool = False
-    # what a paper-scale run sets where the data would otherwise settle it (MoCo's K = 65,536): the benchmark's
-    paper_options: Options = field(default_factory=dict)
+    paper_options: Mapping[str, object] = field(default_factory=dict)
+
+    def recipe_for(self, transformer: bool) -> TrainingRecipe:
+        """The paper recipe for a convolutional network or a vision transformer; a method without one for
+        transformers refuses them."""
+        if not transformer:
+            return self.recipe
+        if self.transformer_recipe is None:
+            raise InputError(f"{self.title} has no recipe for vision transformers (its paper trains CNNs); use a "
+                             "convolutional network (resnet50, timm:convnext_tiny, ...) or DINO")
+        return self.transformer_recipe
 
     def option_defaults(self) -> dict[str, object]:
-        """The method's own options at their defaults, as its flags declare them (flags that set a field of
-        the run config, such as `--supervised`, are the config's, not options)."""
-        parser = argparse.ArgumentParser(add_help=False)
-        self.add_flags(parser)
-        run_fields = {f.name for f in fields(PretrainConfig)}
-        return {k: v for k, v in vars(parser.parse_args([])).items() if k not in run_fields}
+        """The method's options at their defaults, by field name."""
+        return asdict(self.options_type())
 
-    def options(self, given: Options) -> dict[str, object]:
-        """`given` completed with the defaults; an option the method does not have is an input error."""
-        defaults = self.option_defaults()
-        unknown = sorted(set(given) - set(defaults))
+    def options(self, given: Mapping[str, object]) -> Any:
+        """The options dataclass of `given` (values by field name) completed with the defaults; an option the
+        method does not have is an input error."""
+        names = [f.name for f in fields(self.options_type)]
+        unknown = sorted(set(given) - set(names))
         if unknown:
             raise InputError(f"{self.title} has no option {', '.join(unknown)} (its options: "
-                             f"{', '.join(sorted(defaults)) or 'none'})")
-        return {**defaults, **given}
+                             f"{', '.join(names) or 'none'})")
+        return self.options_type(**given)
+
+    def settle(self, options: Any, images: int) -> Any:
+        """The options once the number of pretraining images is known."""
+        return self.prepare(options, images)
+
+    def add_flags(self, parser: argparse.ArgumentParser) -> None:
+        """One flag per option, with its type, default and help."""
+        group = parser.add_argument_group(f"{self.title} options")
+        for option_field in fields(self.options_type):
+            default = option_field.default if option_field.default is not MISSING else None
+            group.add_argument(flag_name(option_field.name), dest=option_field.name,
+                               type=option_field.metadata["parse"], default=default,
+                               help=option_field.metadata["help"])
+
+    def build(self, arch: str, options: Any, plan: TrainingPlan) -> Any:
+        """The method's network (a `PretrainingMethod`), its module imported now."""
+        module, _, function = self.builder.partition(":")
+        return getattr(importlib.import_module(module), function)(arch, options, plan)
+
+
+def paired_views(first: str, second: str, options: Any, image_size: int, transformer: bool) -> tuple[View, ...]:
+    """The two views of a two-view method, both at the input size: `first` and `second` paper recipes."""
+    return View(first, image_size), View(second, image_size)
+

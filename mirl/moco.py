@@ -1,13 +1,11 @@
 """MoCo v1 and v2 (He et al. 2020; Chen et al. 2020): a query encoder trained by gradient, a key encoder
 that trails it by momentum, and a queue of past keys as negatives; with labels, the supervised
-contrastive loss over the queue (label-aware MoCo). The method's registered specs are at the end.
+contrastive loss over the queue (label-aware MoCo). Their specs (options, views, recipes) are in `mirl.methods`.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -24,10 +22,11 @@ from mirl.distributed import (
 )
 from mirl.encoders import STOCHASTIC_LAYERS, build_encoder, projection_head
 from mirl.errors import InputError
-from mirl.flags import momentum, positive_float, positive_int
-from mirl.method_spec import MethodSpec, Options
+from mirl.method_spec import TrainingPlan
+from mirl.methods import MoCoOptions
+from mirl.pretraining_method import PretrainingMethod
 from mirl.runtime import full_precision
-from mirl.splits import FRACTIONS
+from mirl.teacher import MomentumTeacher
 
 MIN_VALUES_PER_GROUP = 16
 
@@ -269,7 +268,7 @@ def label_aware_infonce(q: torch.Tensor, batch_keys: torch.Tensor, queue_keys: t
     return (-weighted.sum(dim=1) / weights.sum(dim=1)).mean(), logits
 
 
-class MoCo(nn.Module):
+class MoCo(PretrainingMethod):
     """Momentum Contrast: a query encoder trained by gradient, a key encoder that trails it by
     momentum, and a queue of past keys as negatives (He et al. 2020; v2 head and temperature by flags).
 
@@ -294,9 +293,7 @@ class MoCo(nn.Module):
         self.head_k = projection_head(head, feature_dim, dim)
         self.queue = MomentumQueue(dim, queue_size, label_dim)
         self._groups_reported = splits == 1
-        for online, target in zip(self._online_params(), self._target_params()):
-            target.data.copy_(online.data)
-            target.requires_grad = False
+        self.teacher = MomentumTeacher([self.encoder_q, self.head_q], [self.encoder_k, self.head_k])
 
     def train(self, mode: bool = True) -> "MoCo":
         """Train mode for both encoders' BatchNorm, but never random layers in the key encoder (EfficientNet's
@@ -308,7 +305,7 @@ class MoCo(nn.Module):
         return self
 
     def _online_params(self) -> list[nn.Parameter]:
-        return list(self.encoder_q.parameters()) + list(self.head_q.parameters())
+        return self.teacher.student_parameters()
 
     def report_batchnorm_groups(self) -> str | None:
         """After a training forward: a note when split-batch BatchNorm normalised some layers in fewer groups
@@ -323,12 +320,11 @@ class MoCo(nn.Module):
                 f"{MIN_VALUES_PER_GROUP} values per channel; a larger batch or input keeps more groups")
 
     def _target_params(self) -> list[nn.Parameter]:
-        return list(self.encoder_k.parameters()) + list(self.head_k.parameters())
+        return self.teacher.teacher_parameters()
 
-    @torch.no_grad()
     def momentum_update(self) -> None:
         """p_k <- m p_k + (1 - m) p_q, as one fused operation over all parameters."""
-        torch._foreach_lerp_(self._target_params(), self._online_params(), 1.0 - self.momentum)
+        self.teacher.update(self.momentum)
 
     @torch.no_grad()
     def keys(self, im_k: torch.Tensor) -> torch.Tensor:
@@ -370,60 +366,12 @@ class MoCo(nn.Module):
         return self.encoder_q
 
 
-MAX_QUEUE = 65536  # the paper's K
+def build_moco(arch: str, options: MoCoOptions, plan: TrainingPlan, head: str = "linear") -> MoCo:
+    """MoCo v1: a linear projection."""
+    return MoCo(arch, head=head, queue_size=options.queue_size, momentum=options.moco_momentum,
+                temperature=options.temperature, bn_splits=options.bn_splits, label_dim=plan.label_dim)
 
 
-def default_queue_size(images: int) -> int:
-    """MoCo's K for a dataset of `images`: the largest power of two <= images / 4, at most the paper's 65536.
-
-    A queue as large as the data holds older keys of each query's own image as negatives; a quarter of the
-    data keeps the queue's keys at most a quarter of an epoch old and never the query's own image."""
-    return min(MAX_QUEUE, 1 << max(0, (images // 4).bit_length() - 1))
-
-
-def checked_queue_size(requested: int | None, images: int) -> int:
-    """The queue size a run uses: `requested`, refused when it is not smaller than the data, else the default."""
-    if requested is None:
-        return default_queue_size(images)
-    if requested >= images:
-        raise InputError(f"--queue-size {requested} is not smaller than the {images} pretraining images: the queue "
-                         f"would hold each query's own image as a negative; leave it out (default "
-                         f"{default_queue_size(images)} for this data) or choose a smaller one")
-    return requested
-
-
-def moco_flags(parser: argparse.ArgumentParser, temperature: float) -> None:
-    parser.add_argument("--temperature", type=positive_float, default=temperature)
-    parser.add_argument("--queue-size", type=positive_int, default=None,
-                        help="MoCo's K negatives (default: the largest power of two <= images / 4, at most "
-                             "65536; must be smaller than the number of images)")
-    parser.add_argument("--moco-momentum", type=momentum, default=0.999, help="key encoder momentum m")
-    parser.add_argument("--bn-splits", type=positive_int, default=8,
-                        help="BatchNorm groups standing in for shuffle-BN on one device")
-    parser.add_argument("--supervised", action="store_true",
-                        help="label-aware MoCo: images of the --fraction split that share a label are positives "
-                             "too (supervised contrastive loss over the queue); the other images stay unlabelled")
-    parser.add_argument("--fraction", type=int, choices=FRACTIONS, default=100,
-                        help="with --supervised: percent of training labels used (its split file)")
-
-
-def settle_queue_size(options: Options, images: int) -> dict[str, object]:
-    """The queue size follows from the number of images, so it is settled once they are listed."""
-    return {"queue_size": checked_queue_size(options["queue_size"], images)}
-
-
-def build_moco(head: str, arch: str, options: Options, label_dim: int, total_steps: int) -> nn.Module:
-    return MoCo(arch, head=head, queue_size=options["queue_size"], momentum=options["moco_momentum"],
-                temperature=options["temperature"], bn_splits=options["bn_splits"], label_dim=label_dim)
-
-
-MOCO_METHOD = MethodSpec("moco", "MoCo", "trainMoCo.py", schedule="step", optimizer="sgd", lr_per_256=0.03,
-                         weight_decay=1e-4, warmup_epochs=0, epochs=200, recipes=("moco", "moco"),
-                         build=partial(build_moco, "linear"), add_flags=partial(moco_flags, temperature=0.07),
-                         prepare=settle_queue_size, settled_options=("queue_size",), label_aware=True,
-                         paper_options={"queue_size": MAX_QUEUE})
-MOCOV2_METHOD = MethodSpec("mocov2", "MoCo v2", "trainMoCoV2.py", schedule="cosine", optimizer="sgd",
-                           lr_per_256=0.03, weight_decay=1e-4, warmup_epochs=0, epochs=200,
-                           recipes=("mocov2", "mocov2"), build=partial(build_moco, "mlp"),
-                           add_flags=partial(moco_flags, temperature=0.2), prepare=settle_queue_size,
-                           settled_options=("queue_size",), label_aware=True, paper_options={"queue_size": MAX_QUEUE})
+def build_moco_v2(arch: str, options: MoCoOptions, plan: TrainingPlan) -> MoCo:
+    """MoCo v2: a 2-layer MLP projection."""
+    return build_moco(arch, options, plan, head="mlp")

@@ -75,7 +75,34 @@ def schedule_factor(kind: str, step: int, total_steps: int, warmup_steps: int = 
     raise ValueError(f"unknown schedule {kind}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int,
-                    warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: schedule_factor(kind, step, total_steps, warmup_steps))
+def cosine_between(start: float, end: float, step: int, total_steps: int) -> float:
+    """`start` at step 0, `end` at `total_steps`, along a half cosine."""
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
+
+
+class PaperSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """The learning rate of `schedule_factor` and, where `weight_decay_end` is given, the weight decay of every
+    group that decays on a cosine from its own value to `weight_decay_end` (DINO's ViT recipe: 0.04 to 0.4).
+    Both follow the step count, which the scheduler's state keeps, so a resumed run continues them exactly."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int = 0,
+                 weight_decay_end: float | None = None) -> None:
+        self.total_steps, self.weight_decay_end = total_steps, weight_decay_end
+        if weight_decay_end is not None:
+            for group in optimizer.param_groups:
+                group.setdefault("initial_weight_decay", group["weight_decay"])
+        super().__init__(optimizer, lambda step: schedule_factor(kind, step, total_steps, warmup_steps))
+
+    def step(self, epoch: int | None = None) -> None:
+        super().step(epoch)
+        if self.weight_decay_end is None:
+            return
+        for group in self.optimizer.param_groups:
+            if group["initial_weight_decay"] > 0:  # biases and norms stay without decay
+                group["weight_decay"] = cosine_between(group["initial_weight_decay"], self.weight_decay_end,
+                                                       self.last_epoch, self.total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int = 0,
+                    weight_decay_end: float | None = None) -> PaperSchedule:
+    return PaperSchedule(optimizer, kind, total_steps, warmup_steps, weight_decay_end)

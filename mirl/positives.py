@@ -23,8 +23,6 @@ from torch.utils.data import Dataset
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
 from mirl.imaging import DICOM_SUFFIXES, NIFTI_SUFFIXES, dicom_series_position, image_suffix
 
-POSITIVES = ("views", "study", "patient")
-
 
 def study_place(record: ImageRecord) -> tuple[str | None, float]:
     """The study (series) a record belongs to and its place in it: a NIfTI volume's frame and slice, a DICOM's

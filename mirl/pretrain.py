@@ -5,25 +5,27 @@ the downstream evaluation stays honest; a plain folder of images is used whole.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from mirl import distributed
-from mirl.augment import BatchAugment, recipe_for
+from mirl.augment import BatchAugment, view_recipe
 from mirl.cache import open_cache
 from mirl.checkpoints import CHECKPOINT_NAME, check_same_run, file_digest, reading_state
 from mirl.config import PretrainConfig, identity_digest
 from mirl.datasets import DatasetDescription, DecodedImages, ImageDataset, ImageRecord, image_kinds
-from mirl.encoders import check_input_size, local_weights, start_encoders_from
+from mirl.encoders import architecture, check_input_size, local_weights, start_encoders_from
 from mirl.errors import InputError
 from mirl.loaders import make_loader
-from mirl.models import METHODS, MethodSpec
+from mirl.method_spec import MethodSpec, TrainingPlan, TrainingRecipe
+from mirl.methods import METHODS
 from mirl.monitor import KnnMonitor, sample_records
 from mirl.optim import LARS, build_scheduler, lars_parameter_groups
 from mirl.positives import PairedImages, partner_candidates
+from mirl.pretraining_method import PretrainingMethod
 from mirl.run_files import RunLog, open_run, provenance
 from mirl.runtime import (
     OtherProcessesLoad,
@@ -110,36 +112,47 @@ def label_aware_records(records: list[ImageRecord], usable: dict[str, np.ndarray
     return [replace(r, labels=label_vector(r)) for r in records]
 
 
-def learning_rate(method: MethodSpec, config: PretrainConfig) -> float:
-    """`--lr`, else the method's rate per 256 images scaled linearly to the global batch."""
+def training_recipe(method: MethodSpec, arch: str) -> TrainingRecipe:
+    """The method's paper recipe for this architecture (a transformer's where the method has one)."""
+    return method.recipe_for(architecture(arch).transformer)
+
+
+def learning_rate(recipe: TrainingRecipe, config: PretrainConfig) -> float:
+    """`--lr`, else the recipe's rate per 256 images scaled linearly to the global batch."""
     if config.lr is not None:
         return config.lr
-    return method.lr_per_256 * config.batch_size * distributed.world_size() / 256
+    return recipe.lr_per_256 * config.batch_size * distributed.world_size() / 256
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Pretraining's optimizer: LARS (SimCLR, BYOL) or SGD with momentum 0.9 (MoCo)."""
+def build_optimizer(model: PretrainingMethod, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Pretraining's optimizer over the method's parameter groups: SGD with momentum 0.9, LARS (whose groups
+    exempt biases and norms from adaptation and decay) or AdamW."""
     if name == "lars":
         return LARS(lars_parameter_groups(model), lr=lr, weight_decay=weight_decay)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = model.parameter_groups()
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     # fused: one kernel for every parameter's update instead of a few calls per parameter
-    return torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=weight_decay, fused=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, fused=True)
 
 
 def settled_config(method: MethodSpec, config: PretrainConfig, resumed: dict | None,
                    description: DatasetDescription) -> PretrainConfig:
     """The run as it will train: the architecture (a resumed state's when none is asked for), epochs,
-    optimizer, learning rate and augmentation family (the method's and the dataset's where none is given)
-    and the method's options completed. An architecture that cannot take the image size is refused here,
-    before the data is listed."""
+    optimizer, learning rate and augmentation family (the method's recipe for the architecture and the
+    dataset's where none is given) and the method's options completed. An architecture the method has no
+    recipe for, or that cannot take the image size, is refused here, before the data is listed."""
     if config.supervised and not method.label_aware:
         raise InputError(f"{method.title} has no label-aware form; --supervised exists for "
                          f"{', '.join(spec.title for spec in METHODS.values() if spec.label_aware)}")
     arch = config.arch or (resumed.get("arch") if resumed is not None else None) or "resnet50"
-    check_input_size(arch, config.image_size)
-    return replace(config, arch=arch, epochs=config.epochs or method.epochs,
-                   optimizer=config.optimizer or method.optimizer, lr=learning_rate(method, config),
-                   augment=config.augment or description.augment, options=method.options(config.options))
+    recipe = training_recipe(method, arch)
+    options = method.options(config.options)
+    for view in method.views(options, config.image_size, architecture(arch).transformer):
+        check_input_size(arch, view.size)
+    return replace(config, arch=arch, epochs=config.epochs or recipe.epochs,
+                   optimizer=config.optimizer or recipe.optimizer, lr=learning_rate(recipe, config),
+                   augment=config.augment or description.augment, options=asdict(options))
 
 
 def pretraining_identity(description: DatasetDescription, run: PretrainConfig) -> dict[str, object]:
@@ -181,8 +194,9 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     records, monitor_sets, held_out = pretraining_records(description, run)
     kinds = image_kinds(records)  # the readers its images went through, for an export's preprocessing record
     # what follows from the number of images (MoCo's K), and the contents of the splits the data was held out by
-    prepared = method.prepare(run.options, len(records))
-    run = replace(run, options={**run.options, **prepared})
+    options = method.settle(method.options(run.options), len(records))
+    prepared = {name: getattr(options, name) for name in method.settled_options}
+    run = replace(run, options=asdict(options))
     settled = {**prepared, "splits": split_files_digest(run.split_dir) if held_out is not None else None}
     identity = {**identity, **settled}
     if resumed is not None:
@@ -191,12 +205,15 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     # the cache first: building it must not move the random streams that the seed sets for training
     cache = open_cache(description, run.data_root, run.image_size, run.cache, run.workers) if run.cache else None
     seed_everything(run.seed, run.deterministic)
-    # label-aware MoCo: the label vectors gain a "no finding" class, and the queue keeps them
-    queue_label_dim = len(description.classes) + 1 if run.supervised else 0
-    loader, partners = pair_loader(description, run, records, queue_label_dim or len(description.classes), cache)
+    # a label-aware run: the label vectors gain a "no finding" class, and the method receives them
+    label_dim = len(description.classes) + 1 if run.supervised else 0
+    loader, partners = pair_loader(description, run, records, label_dim or len(description.classes), cache)
     total_steps = run.epochs * len(loader)
-    model = prepare_network(method.build(run.arch, run.options, queue_label_dim, total_steps), device,
-                            run.channels_last, run.compile)
+    recipe = training_recipe(method, run.arch)
+    transformer = architecture(run.arch).transformer
+    views = method.views(options, run.image_size, transformer)
+    model = prepare_network(method.build(run.arch, options, TrainingPlan(total_steps, len(loader), label_dim)),
+                            device, run.channels_last, run.compile)
     if initial is not None:
         start_encoders_from(model, initial, run.init_weights, run.arch)
     core = model
@@ -208,10 +225,10 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
         # step; each rank's BatchNorm keeps its own running statistics, as under fb/moco, and rank 0's are saved
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                     broadcast_buffers=False)
-    optimizer = build_optimizer(model, run.optimizer, run.lr, method.weight_decay)
-    warmup = min(method.warmup_epochs * len(loader), total_steps // 10)
-    scheduler = build_scheduler(optimizer, method.schedule, total_steps, warmup)
-    augments = [BatchAugment(recipe_for(recipe, run.augment), run.image_size) for recipe in method.recipes]
+    optimizer = build_optimizer(core, run.optimizer, run.lr, recipe.weight_decay)
+    warmup = min(recipe.warmup_epochs * len(loader), total_steps // 10)
+    scheduler = build_scheduler(optimizer, recipe.schedule, total_steps, warmup, recipe.weight_decay_end)
+    augments = [BatchAugment(view_recipe(view, run.augment), view.size) for view in views]
 
     log = RunLog(run.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
     record = {**run.flags(), "flags": config.flags(), "script": config.script, "method": method.name,
@@ -221,17 +238,19 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
               "device": str(device), "precision": precision_name(precision),
               "world_size": distributed.world_size(), "resumed_from": resume_from,
               # the schedule as it runs: the rate above is the one used (--lr, else lr_per_256 x global batch / 256)
-              "lr_per_256": method.lr_per_256, "weight_decay": method.weight_decay, "schedule": method.schedule,
+              "lr_per_256": recipe.lr_per_256, "weight_decay": recipe.weight_decay,
+              "weight_decay_end": recipe.weight_decay_end, "schedule": recipe.schedule, "recipe": recipe.source,
+              "views": [asdict(view) for view in views],
               "steps": total_steps, "warmup_steps": warmup, "software": provenance(),
               "labelled_images": sum(bool(r.labels.any()) for r in records) if run.supervised else 0,
               "identity": identity, "run_id": identity_digest(identity)}
     log.json("config.json", record)
 
-    def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # two independent views of each image, or of each pair's two images
-        views = tuple(augment(images if partners is None else images[:, i]) for i, augment in enumerate(augments))
-        loss, _ = model(*views, labels) if run.supervised else model(*views)
-        return loss
+    def step_loss(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # the method's views of each image, or alternately of each pair's two images
+        batch = tuple(augment(images if partners is None else images[:, i % 2]) for i, augment in enumerate(augments))
+        loss, _ = model(*batch, labels) if run.supervised else model(*batch)
+        return loss, core.logged_scalars()
 
     monitor = None
     if monitor_sets and run.knn_images > 0 and distributed.is_main_process():
@@ -258,7 +277,7 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
         return latest["monitor"]
 
     trainer = Trainer(step_loss, loader, optimizer, scheduler, device, precision, store, run.save_every, snapshot,
-                      save_minutes=run.save_minutes)
+                      save_minutes=run.save_minutes, hooks=core)
     if resumed is not None:
         with reading_state(resume_from):
             trainer.restore(resumed, resume_from)

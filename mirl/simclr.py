@@ -1,9 +1,7 @@
 """SimCLR (Chen et al. 2020): one encoder, a projection MLP, and NT-Xent over both views of the batch
-gathered from every rank. The method's registered spec is at the end.
+gathered from every rank. Its spec (options, views, recipe) is in `mirl.methods`.
 """
 from __future__ import annotations
-
-import argparse
 
 import torch
 import torch.nn as nn
@@ -11,8 +9,9 @@ import torch.nn.functional as F
 
 from mirl.distributed import convert_to_cross_rank_batchnorm, gather_with_grad
 from mirl.encoders import build_encoder, projection_head
-from mirl.flags import positive_float
-from mirl.method_spec import MethodSpec, Options
+from mirl.method_spec import TrainingPlan
+from mirl.methods import SimCLROptions
+from mirl.pretraining_method import PretrainingMethod
 from mirl.runtime import full_precision
 
 
@@ -27,7 +26,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(similarity, twin)
 
 
-class SimCLR(nn.Module):
+class SimCLR(PretrainingMethod):
     """A Simple framework for Contrastive Learning (Chen et al. 2020): one encoder, a projection
     MLP, and NT-Xent over both views of the batch gathered from every rank."""
 
@@ -50,14 +49,5 @@ class SimCLR(nn.Module):
         return self.encoder
 
 
-def simclr_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--temperature", type=positive_float, default=0.1)
-
-
-def build_simclr(arch: str, options: Options, label_dim: int, total_steps: int) -> nn.Module:
-    return SimCLR(arch, temperature=options["temperature"])
-
-
-SIMCLR_METHOD = MethodSpec("simclr", "SimCLR", "trainSimCLR.py", schedule="cosine", optimizer="lars", lr_per_256=0.3,
-                           weight_decay=1e-6, warmup_epochs=10, epochs=100, recipes=("simclr", "simclr"),
-                           build=build_simclr, add_flags=simclr_flags)
+def build_simclr(arch: str, options: SimCLROptions, plan: TrainingPlan) -> SimCLR:
+    return SimCLR(arch, temperature=options.temperature)

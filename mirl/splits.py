@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mirl.config import FRACTIONS
 from mirl.datasets import DATASETS, DatasetDescription, ImageRecord
 from mirl.errors import DataError, InputError
 from mirl.run_files import atomic_write_text, progress, prove_writable
 
-FRACTIONS = (100, 50, 20, 10, 5, 1)
 TEST_PROPORTION = 0.2
 VAL_PROPORTION = 0.1
 SPLIT_SEED = 0

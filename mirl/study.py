@@ -24,10 +24,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from scipy import stats
 
-from mirl.augment import MODALITY_RECIPES
 from mirl.checkpoints import CheckpointStore, newest_intact_state
 from mirl.cli import bound_dataset
 from mirl.config import (
+    AUGMENT_STYLES,
     DownstreamConfig,
     PretrainConfig,
     RunConfig,
@@ -37,9 +37,16 @@ from mirl.config import (
 from mirl.datasets import DATASETS, DatasetDescription
 from mirl.downstream import PREDICTIONS_FILE, downstream, downstream_identity
 from mirl.edge import StudyStopped, guarded
-from mirl.encoders import architecture_name
 from mirl.errors import InputError
-from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_int, random_seed
+from mirl.flags import (
+    OneLineParser,
+    architecture_name,
+    batch_size,
+    image_size,
+    non_negative_int,
+    positive_int,
+    random_seed,
+)
 from mirl.metrics import evaluate, paired_difference, primary_metric, reported_metrics
 from mirl.models import METHODS
 from mirl.pretrain import pretrain, pretraining_identity, settled_config
@@ -406,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--downstream-batch-size", type=batch_size, default=None, help="default: --batch-size")
     parser.add_argument("--workers", type=non_negative_int, default=None)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--augment", choices=sorted(MODALITY_RECIPES), default=None,
+    parser.add_argument("--augment", choices=AUGMENT_STYLES, default=None,
                         help="the pretraining views' recipe family (default: the dataset's, as the scripts')")
     parser.add_argument("--queue-size", type=positive_int, default=None,
                         help="MoCo queue (default: the scripts' rule, a power of two <= images / 4)")
@@ -459,7 +466,7 @@ def run_study(args: argparse.Namespace) -> None:
                 if args.queue_size and "queue_size" in spec.option_defaults() else {}
             pretraining_configs[key] = PretrainConfig(
                 method=variant.method, output_dir=pretraining_dir(out, run.method, run.fraction, seed),
-                batch_size=args.batch_size, arch=variant.arch or args.arch, epochs=args.epochs or spec.epochs,
+                batch_size=args.batch_size, arch=variant.arch or args.arch, epochs=args.epochs,
                 seed=args.seeds[0] if seed is None else seed, supervised=variant.label_aware,
                 fraction=key[1] or 100, augment=args.augment, options=queue, **shared)
 

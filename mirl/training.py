@@ -12,7 +12,7 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch.utils.data import DataLoader
@@ -24,32 +24,53 @@ from mirl.errors import DataError
 from mirl.loaders import EpochSampler, readable_batch
 from mirl.run_files import RunLog, atomic_write_text, csv_field, progress, readable_text
 
+# a training step's loss, alone or with numbers to log beside it
+StepLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class StepHooks(Protocol):
+    """What a network may do around the optimizer step (a `PretrainingMethod` has both)."""
+
+    def after_backward(self) -> None: ...
+
+    def after_optimizer_step(self) -> None: ...
+
 
 class TrainingStep:
-    """One optimisation step: `step_loss(images, labels)` under autocast, backward (scaled for fp16),
-    optimizer and scheduler. A non-finite loss stops training before it corrupts the weights."""
+    """One optimisation step: `step_loss(images, labels)` under autocast (the loss, or the loss and numbers to
+    log), backward (scaled for fp16), the network's `after_backward` hook on the final, unscaled gradients, the
+    optimizer and scheduler, then its `after_optimizer_step` hook. A non-finite loss stops training before it
+    corrupts the weights."""
 
-    def __init__(self, step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-                 device: torch.device, precision: torch.dtype | None) -> None:
-        self.step_loss, self.optimizer, self.scheduler = step_loss, optimizer, scheduler
+    def __init__(self, step_loss: StepLoss, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device,
+                 precision: torch.dtype | None, hooks: StepHooks | None = None) -> None:
+        self.step_loss, self.optimizer, self.scheduler, self.hooks = step_loss, optimizer, scheduler, hooks
         self.device, self.precision = device, precision
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
         self.steps = 0
+        self.scalars: dict[str, float] = {}  # what the last step's loss function gave to log besides the loss
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         with torch.autocast(self.device.type, dtype=self.precision) if self.precision else nullcontext():
             loss = self.step_loss(images, labels)
+        loss, scalars = loss if isinstance(loss, tuple) else (loss, {})
         value = loss.item()
         if any_rank(not math.isfinite(value), self.device):  # every rank stops together
             raise FloatingPointError(f"the loss became {value} at step {self.steps + 1}; "
                                      "lower the learning rate or use --precision fp32")
+        self.scalars = {name: float(number) for name, number in scalars.items()}
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.hooks is not None:
+            self.scaler.unscale_(self.optimizer)  # a hook that clips sees the true gradients
+            self.hooks.after_backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.scheduler is not None:
             self.scheduler.step()
+        if self.hooks is not None:
+            self.hooks.after_optimizer_step()
         self.steps += 1
         return value
 
@@ -94,13 +115,14 @@ class Trainer:
     exactly. `snapshot()` gives the caller's part of a state (weights and what it needs to reload them).
     """
 
-    def __init__(self, step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader: DataLoader,
+    def __init__(self, step_loss: StepLoss, loader: DataLoader,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  device: torch.device, precision: torch.dtype | None, store: CheckpointStore, save_every: int,
-                 snapshot: Callable[[], dict], loss_terms: int = 1, save_minutes: float = 0.0) -> None:
+                 snapshot: Callable[[], dict], loss_terms: int = 1, save_minutes: float = 0.0,
+                 hooks: StepHooks | None = None) -> None:
         if not isinstance(loader.sampler, EpochSampler):
             raise ValueError("the training loader must draw its order from an EpochSampler (make_loader shuffle)")
-        self.step = TrainingStep(step_loss, optimizer, scheduler, device, precision)
+        self.step = TrainingStep(step_loss, optimizer, scheduler, device, precision, hooks)
         self.loader, self.sampler = loader, loader.sampler
         self.store, self.save_every, self.snapshot = store, save_every, snapshot
         # an epoch's end saves only when this long has passed since the last save: a 100 MB state after every
@@ -180,6 +202,8 @@ class Trainer:
                         losses.append(loss)
                         log.step = self.step.steps
                         log.scalar("train/loss", loss)
+                        for name, number in self.step.scalars.items():
+                            log.scalar(f"train/{name}", number)
                         rates = [group["lr"] for group in self.step.optimizer.param_groups]
                         for number, rate in enumerate(rates):  # one tag per rate when groups differ
                             log.scalar("train/lr" if len(set(rates)) == 1 else f"train/lr/{number}", rate)

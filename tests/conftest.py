@@ -48,7 +48,8 @@ def run_script(folder: str, script: str, *args) -> subprocess.CompletedProcess:
 SCRIPTS = {"trainMoCo.py": ("pretrain", "moco"), "trainMoCoV2.py": ("pretrain", "mocov2"),
            "trainSimCLR.py": ("pretrain", "simclr"), "MoCo_downstream.py": ("downstream", "moco"),
            "MoCov2_downstream.py": ("downstream", "mocov2"), "SimCLR_downstream.py": ("downstream", "simclr"),
-           "trainBYOL.py": ("pretrain", "byol"), "BYOL_downstream.py": ("downstream", "byol")}
+           "trainBYOL.py": ("pretrain", "byol"), "BYOL_downstream.py": ("downstream", "byol"),
+           "trainDINO.py": ("pretrain", "dino"), "DINO_downstream.py": ("downstream", "dino")}
 DATASET_OF_FOLDER = {"RSNA_MoCo": "rsna", "ISIC": "isic", "ACDC": "acdc"}
 
 

@@ -7,8 +7,9 @@ import torch
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-from mirl.benchmark import loop_momentum_update, main
+from mirl.benchmark import main, pretraining_model
 from mirl.models import MoCo
+from mirl.teacher import momentum_teachers
 
 FIGURES = ("model_only_per_s", "pipeline_per_s", "efficiency", "baseline_per_s", "speedup_vs_baseline",
            "decode_per_s", "cache_read_per_s", "peak_memory_mb", "gflop_per_item", "matmul_tflop_per_s", "mfu",
@@ -40,14 +41,22 @@ def test_reference_momentum_loop_matches_the_fused_update():
     fused = MoCo("resnet18", queue_size=16, momentum=0.9, bn_splits=1)
     loop = MoCo("resnet18", queue_size=16, momentum=0.9, bn_splits=1)
     loop.load_state_dict(fused.state_dict())
+    loop.teacher.per_parameter = True
     with torch.no_grad():
         for model in (fused, loop):
             for p in model.encoder_q.parameters():
                 p.add_(1.0)
     fused.momentum_update()
-    loop_momentum_update(loop)
+    loop.momentum_update()
     for a, b in zip(fused.encoder_k.parameters(), loop.encoder_k.parameters()):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("method", ["mocov2", "byol", "dino"])
+def test_the_reference_path_updates_every_teacher_one_parameter_at_a_time(method):
+    reference = pretraining_model(method, "resnet18", reference=True)
+    assert momentum_teachers(reference) and all(t.per_parameter for t in momentum_teachers(reference))
+    assert not any(t.per_parameter for t in momentum_teachers(pretraining_model(method, "resnet18", reference=False)))
 
 
 def test_bad_flag_is_one_line(capsys):

@@ -9,8 +9,9 @@ import torchvision
 from conftest import TINY, run_script
 
 from mirl.augment import AugmentRecipe, BatchAugment, normalize, recipe_for
-from mirl.byol import BYOL, byol_loss, target_momentum
+from mirl.byol import BYOL, byol_loss
 from mirl.models import METHODS
+from mirl.teacher import cosine_momentum
 
 
 def test_byol_loss_is_the_normalised_squared_error():
@@ -22,10 +23,10 @@ def test_byol_loss_is_the_normalised_squared_error():
 
 
 def test_target_rate_rises_from_the_base_to_one_along_a_cosine():
-    assert target_momentum(0, 100) == pytest.approx(0.996)
-    assert target_momentum(50, 100) == pytest.approx(0.998)
-    assert target_momentum(100, 100) == pytest.approx(1.0)
-    assert target_momentum(25, 100) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 4) + 1) / 2)
+    assert cosine_momentum(0, 100, 0.996) == pytest.approx(0.996)
+    assert cosine_momentum(50, 100, 0.996) == pytest.approx(0.998)
+    assert cosine_momentum(100, 100, 0.996) == pytest.approx(1.0)
+    assert cosine_momentum(25, 100, 0.996) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 4) + 1) / 2)
 
 
 def test_a_training_forward_moves_the_target_towards_the_online_network_first():
@@ -38,7 +39,7 @@ def test_a_training_forward_moves_the_target_towards_the_online_network_first():
     target = [p.detach().clone() for p in model._target_params()]
     x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     loss, _ = model(x1, x2)
-    tau = target_momentum(0, 10)
+    tau = cosine_momentum(0, 10, 0.996)
     for before, theta, after in zip(target, online, model._target_params()):
         torch.testing.assert_close(after, tau * before + (1 - tau) * theta)
     assert model.step.item() == 1
@@ -65,7 +66,8 @@ def test_the_online_encoder_loads_into_plain_torchvision():
 
 
 def test_the_views_are_asymmetric_as_in_the_paper():
-    first, second = (recipe_for(name, "paper") for name in METHODS["byol"].recipes)
+    spec = METHODS["byol"]
+    first, second = (recipe_for(view.recipe, "paper") for view in spec.views(spec.options({}), 224, False))
     assert (first.blur_p, first.solarize_p) == (1.0, 0.0) and (second.blur_p, second.solarize_p) == (0.1, 0.2)
     assert first.crop_scale == second.crop_scale == (0.08, 1.0)
     assert recipe_for("byol_view2", "grey").solarize_p == 0.0  # inverting a CT window would change its meaning

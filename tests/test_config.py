@@ -1,5 +1,6 @@
 """Typed run configs: built from a script's flags or by hand, frozen, and giving the flags back for a relaunch."""
 import dataclasses
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def test_parsers_take_their_defaults_from_the_configs():
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_method_completes_its_options_and_refuses_one_it_lacks(method):
     spec = METHODS[method]
-    assert spec.options({}) == spec.option_defaults()
+    assert asdict(spec.options({})) == spec.option_defaults()
     with pytest.raises(InputError, match="no option"):
         spec.options({"no_such_option": 1})
 

@@ -7,6 +7,7 @@ from conftest import TINY, assert_one_line_error, run_entry, run_script
 
 from mirl.encoders import architecture, build_encoder, start_encoders_from
 from mirl.errors import InputError
+from mirl.methods import METHODS
 from mirl.moco import MoCo, SplitBatchNorm2d
 
 
@@ -31,8 +32,11 @@ def test_batchnorm_that_cannot_be_split_or_a_vision_transformer_is_refused_in_on
     with pytest.raises(InputError, match="BatchNormAct2d.*--bn-splits 1"):
         MoCo("timm:efficientnet_b0", queue_size=16, bn_splits=8)
     MoCo("timm:efficientnet_b0", queue_size=16, bn_splits=1)
-    with pytest.raises(InputError, match="vision transformer"):
-        architecture("timm:vit_tiny_patch16_224")
+    assert architecture("timm:vit_tiny_patch16_224").transformer and not architecture("resnet18").transformer
+    for method in ("moco", "mocov2", "simclr", "byol"):  # their recipes are the CNN papers'
+        with pytest.raises(InputError, match="vision transformer"):
+            METHODS[method].recipe_for(transformer=True)
+    assert METHODS["dino"].recipe_for(transformer=True).optimizer == "adamw"
     with pytest.raises(InputError, match="timm has no model"):
         architecture("timm:no_such_net")
 

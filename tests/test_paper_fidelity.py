@@ -21,7 +21,7 @@ from mirl.downstream import FINETUNE_ENCODER_LR_SCALE, PROBE_LRS
 from mirl.errors import InputError
 from mirl.loaders import EpochSampler
 from mirl.metrics import weighted_log_loss
-from mirl.moco import checked_queue_size, default_queue_size
+from mirl.methods import checked_queue_size, default_queue_size
 from mirl.models import MoCo, SimCLR
 
 

@@ -24,8 +24,8 @@ from mirl.config import PretrainConfig
 from mirl.datasets import RSNA
 from mirl.encoders import LearnedScale
 from mirl.imaging import dicom_patient_group
-from mirl.models import MoCo, SimCLR, nt_xent
 from mirl.moco import batch_infonce, infonce, label_aware_infonce
+from mirl.models import MoCo, SimCLR, nt_xent
 from mirl.pretrain import pretraining_records
 from mirl.splits import split_file_names
 

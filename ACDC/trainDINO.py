@@ -1,0 +1,7 @@
+"""DINO pretraining on ACDC cardiac cine MRI. Run `python trainDINO.py --help` for the flags."""
+import sys
+
+from mirl.cli import pretrain_script
+
+if __name__ == "__main__":
+    sys.exit(pretrain_script("acdc", "dino", __file__))
