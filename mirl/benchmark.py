@@ -51,9 +51,9 @@ from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, AugmentRec
 from mirl.cache import dataset_images, open_cache
 from mirl.datasets import DATASETS, ImageDataset, ImageRecord, decode_record
 from mirl.edge import guarded
+from mirl.encoders import architecture
 from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_int
 from mirl.loaders import make_loader
-from mirl.encoders import architecture
 from mirl.method_spec import TrainingPlan, View
 from mirl.methods import METHODS
 from mirl.pretrain import build_optimizer

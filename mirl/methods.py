@@ -122,7 +122,8 @@ MOCOV2_METHOD = MethodSpec("mocov2", "MoCo v2", "trainMoCoV2.py", "mirl.moco:bui
 # LARS at 0.3 per 256 images, weight decay 1e-6, 10 warm-up epochs, cosine, 100 epochs (the paper's batch-size study)
 SIMCLR_METHOD = MethodSpec("simclr", "SimCLR", "trainSimCLR.py", "mirl.simclr:build_simclr", SimCLROptions,
                            TrainingRecipe("lars", lr_per_256=0.3, weight_decay=1e-6, schedule="cosine",
-                                          warmup_epochs=10, epochs=100, source="Chen et al. 2020, appendix B.1 and B.9"),
+                                          warmup_epochs=10, epochs=100,
+                                          source="Chen et al. 2020, appendix B.1 and B.9"),
                            partial(paired_views, "simclr", "simclr"))
 # LARS at 0.2 per 256 images, weight decay 1.5e-6, 10 warm-up epochs, cosine, 300 epochs; asymmetric views
 BYOL_METHOD = MethodSpec("byol", "BYOL", "trainBYOL.py", "mirl.byol:build_byol", BYOLOptions,

@@ -20,8 +20,8 @@ from mirl.datasets import square_uint8
 from mirl.downstream import FINETUNE_ENCODER_LR_SCALE, PROBE_LRS
 from mirl.errors import InputError
 from mirl.loaders import EpochSampler
-from mirl.metrics import weighted_log_loss
 from mirl.methods import checked_queue_size, default_queue_size
+from mirl.metrics import weighted_log_loss
 from mirl.models import MoCo, SimCLR
 
 
