@@ -1,7 +1,7 @@
 """The edge every command shares: what a script body raises becomes one line on stderr and an exit code.
 
 Inside `mirl` errors are precise exceptions; here they meet the user: input errors as one `error:` line
-and exit code 2, a non-finite loss as exit code 1, a stop signal (the state saved) as exit code 130.
+and exit code 2, a non-finite loss as exit code 1, a stop signal (the state saved) or Ctrl-C as exit code 130.
 """
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def guarded(run: Callable[[], None]) -> int:
         return 1
     except TrainingInterrupted as error:
         print(f"stopped: {error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # Ctrl-C before training began, or a second one during it
+        print("stopped: interrupted; a run continues from its newest saved state with --resume auto "
+              "(one that had saved none starts afresh)", file=sys.stderr)
         return 130
     finally:
         release_output_dirs()

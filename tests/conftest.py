@@ -1,14 +1,17 @@
 """Shared fixtures: small sample datasets for the whole session, and the dataset folders' scripts run from
 copies, so that a user's own `data/`, `splits/` and `runs/` beside the real scripts neither change a test's
 outcome nor get written to."""
+import io
 import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import redirect_stderr, redirect_stdout
 from functools import cache
 from pathlib import Path
 
 import pytest
+import torch
 
 from mirl.sample_data import write_acdc, write_isic, write_rsna
 
@@ -63,6 +66,25 @@ def run_entry(capsys, folder: str, script: str, *args) -> subprocess.CompletedPr
     code = entry(DATASET_OF_FOLDER[folder], method, str(script_folder(folder) / script), [str(a) for a in args])
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(script, code, captured.out, captured.err)
+
+
+def run_in_process(folder: str, script: str, *args) -> subprocess.CompletedProcess:
+    """A script's entry point called in this process with its output captured, as `run_script` reports it: a
+    successful run that would otherwise pay a python and torch start-up (about 3 s). `run_script` stays where the
+    process itself is under test (signals, torchrun, the README's commands, the first pretraining of a method)."""
+    from mirl.cli import downstream_script, pretrain_script
+    kind, method = SCRIPTS[script]
+    entry = pretrain_script if kind == "pretrain" else downstream_script
+    out, err = io.StringIO(), io.StringIO()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            code = entry(DATASET_OF_FOLDER[folder], method, str(script_folder(folder) / script), [str(a) for a in args])
+    except SystemExit as stopped:  # a flag the parser refuses
+        code = stopped.code
+    finally:
+        torch.use_deterministic_algorithms(deterministic)  # what --deterministic set stays with its run
+    return subprocess.CompletedProcess(script, code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:

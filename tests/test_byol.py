@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torchvision
-from conftest import TINY, run_script
+from conftest import TINY, run_in_process
 
 from mirl.augment import AugmentRecipe, BatchAugment, normalize, recipe_for
 from mirl.byol import BYOL, byol_loss
@@ -84,14 +84,14 @@ def test_solarisation_inverts_the_bright_half():
 @pytest.mark.slow
 def test_byol_pretraining_then_its_downstream_scripts(rsna_root, tmp_path):
     common = ["--data-root", rsna_root, "--split-dir", tmp_path / "splits", *TINY]
-    result = run_script("RSNA_MoCo", "trainBYOL.py", *common, "--output-dir", tmp_path / "byol", "--epochs", "2",
+    result = run_in_process("RSNA_MoCo", "trainBYOL.py", *common, "--output-dir", tmp_path / "byol", "--epochs", "2",
                         "--knn-images", "0")
     assert result.returncode == 0, result.stderr[-2000:]
     state = torch.load(tmp_path / "byol" / "checkpoint.pth", weights_only=True)
     config = json.loads((tmp_path / "byol" / "config.json").read_text())
     assert state["method"] == "byol" and config["optimizer"] == "lars"
     assert state["model"]["step"].item() == state["steps"]  # the EMA schedule's position is saved with the state
-    result = run_script("RSNA_MoCo", "BYOL_downstream.py", *common, "--frozen", "--output-dir", tmp_path / "probe",
+    result = run_in_process("RSNA_MoCo", "BYOL_downstream.py", *common, "--frozen", "--output-dir", tmp_path / "probe",
                         "--pretrained", tmp_path / "byol" / "checkpoint.pth")
     assert result.returncode == 0, result.stderr[-2000:]
     assert 0.0 <= json.loads((tmp_path / "probe" / "metrics.json").read_text())["test"]["auc_macro"] <= 1.0

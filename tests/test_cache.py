@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, run_script
+from conftest import TINY, run_in_process
 
 import mirl.datasets
 from mirl.cache import dataset_images, open_cache
@@ -63,12 +63,12 @@ def test_a_changed_source_or_size_makes_a_new_cache_and_bad_files_stay_unreadabl
 @pytest.mark.slow
 def test_scripts_train_from_the_cache(rsna_root, tmp_path):
     cache_root = tmp_path / "cache"
-    result = run_script("RSNA_MoCo", "trainSimCLR.py", "--data-root", rsna_root, "--output-dir", tmp_path / "run",
+    result = run_in_process("RSNA_MoCo", "trainSimCLR.py", "--data-root", rsna_root, "--output-dir", tmp_path / "run",
                         "--split-dir", tmp_path / "splits", "--cache", cache_root, *TINY)
     assert result.returncode == 0, result.stderr
     built = list(cache_root.iterdir())
     assert len(built) == 1 and (built[0] / "images.npy").is_file()
-    result = run_script("RSNA_MoCo", "SimCLR_downstream.py", "--data-root", rsna_root, "--output-dir",
+    result = run_in_process("RSNA_MoCo", "SimCLR_downstream.py", "--data-root", rsna_root, "--output-dir",
                         tmp_path / "down", "--split-dir", tmp_path / "splits", "--pretrained",
                         tmp_path / "run" / "checkpoint.pth", "--cache", cache_root, *TINY)
     assert result.returncode == 0, result.stderr

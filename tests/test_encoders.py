@@ -3,7 +3,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import TINY, assert_one_line_error, run_entry, run_script
+from conftest import TINY, assert_one_line_error, run_entry, run_in_process
 
 from mirl.encoders import architecture, build_encoder, start_encoders_from
 from mirl.errors import InputError
@@ -70,12 +70,12 @@ def test_a_timm_encoder_pretrains_and_probes_end_to_end_from_local_weights(rsna_
     weights = tmp_path / "convnext.pth"
     torch.save(timm.create_model("convnext_atto", pretrained=False).state_dict(), weights)
     common = ["--data-root", rsna_root, "--split-dir", tmp_path / "splits", *TINY]
-    result = run_script("RSNA_MoCo", "trainMoCoV2.py", *common, "--arch", "timm:convnext_atto", "--init-weights",
+    result = run_in_process("RSNA_MoCo", "trainMoCoV2.py", *common, "--arch", "timm:convnext_atto", "--init-weights",
                         weights, "--output-dir", tmp_path / "p", "--knn-images", "0")
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(tmp_path / "p" / "checkpoint.pth", weights_only=True)
     assert checkpoint["arch"] == "timm:convnext_atto" and checkpoint["data"]["init_weights"] == str(weights)
-    result = run_script("RSNA_MoCo", "MoCov2_downstream.py", *common, "--arch", "timm:convnext_atto", "--frozen",
+    result = run_in_process("RSNA_MoCo", "MoCov2_downstream.py", *common, "--arch", "timm:convnext_atto", "--frozen",
                         "--pretrained", tmp_path / "p" / "checkpoint.pth", "--output-dir", tmp_path / "d")
     assert result.returncode == 0, result.stderr
     classifier = timm.create_model("convnext_atto", pretrained=False, num_classes=6)

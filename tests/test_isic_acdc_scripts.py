@@ -8,7 +8,7 @@ import pydicom
 import pytest
 import torch
 import torchvision
-from conftest import DATASET_OF_FOLDER, TINY, assert_one_line_error, run_script, script_folder
+from conftest import DATASET_OF_FOLDER, TINY, assert_one_line_error, run_in_process, script_folder
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -61,7 +61,7 @@ def test_acdc_pretraining_uses_the_cine_but_no_test_patient(pretrained):
 ])
 def test_downstream_metrics(pretrained, tmp_path, folder, method, mode):
     roots, runs = pretrained
-    result = run_script(folder, DOWNSTREAM[method], "--data-root", roots[folder], "--output-dir", tmp_path,
+    result = run_in_process(folder, DOWNSTREAM[method], "--data-root", roots[folder], "--output-dir", tmp_path,
                         "--split-dir", runs[folder, "splits"], "--pretrained", runs[folder, method] / "checkpoint.pth",
                         *TINY, *([mode] if mode else []))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -92,10 +92,10 @@ def test_isic_scripts_train_on_a_users_csv_with_other_classes(isic_root, tmp_pat
     csv = tmp_path / "my_labels.csv"
     csv.write_text("\n".join(rows) + "\n")
     common = ["--data-root", images, "--labels", csv, "--split-dir", tmp_path / "splits", *TINY]
-    result = run_script("ISIC", "trainMoCoV2.py", *common, "--output-dir", tmp_path / "pre", "--queue-size", "8",
+    result = run_in_process("ISIC", "trainMoCoV2.py", *common, "--output-dir", tmp_path / "pre", "--queue-size", "8",
                         "--batch-size", "4")
     assert result.returncode == 0, result.stderr[-2000:]
-    result = run_script("ISIC", "MoCov2_downstream.py", *common, "--output-dir", tmp_path / "down",
+    result = run_in_process("ISIC", "MoCov2_downstream.py", *common, "--output-dir", tmp_path / "down",
                         "--pretrained", tmp_path / "pre" / "checkpoint.pth")
     assert result.returncode == 0, result.stderr[-2000:]
     test = json.loads((tmp_path / "down" / "metrics.json").read_text())["test"]
@@ -112,7 +112,7 @@ def test_pretraining_on_a_plain_folder_of_mixed_formats(tmp_path):
     pydicom.dcmread(get_testdata_file("CT_small.dcm")).save_as(folder / "ct.dcm")
     nib.save(nib.Nifti1Image(rng.random((20, 20, 4)).astype(np.float32), np.eye(4)), folder / "mr.nii.gz")
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
-    result = run_script("ACDC", "trainMoCo.py", "--data-root", folder, "--output-dir", tmp_path / "out", *TINY,
+    result = run_in_process("ACDC", "trainMoCo.py", "--data-root", folder, "--output-dir", tmp_path / "out", *TINY,
                         "--batch-size", "4", "--queue-size", "8")
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -123,10 +123,10 @@ def test_pretraining_on_a_plain_folder_of_mixed_formats(tmp_path):
 def test_isic_csv_with_a_bad_value_is_one_line(tmp_path, isic_root):
     csv = tmp_path / "bad.csv"
     csv.write_text("image,MEL,NV\nISIC_0000001,1,yes\n")
-    result = run_script("ISIC", "MoCo_downstream.py", "--data-root", isic_root, "--labels", csv, "--resnet", *TINY)
+    result = run_in_process("ISIC", "MoCo_downstream.py", "--data-root", isic_root, "--labels", csv, "--resnet", *TINY)
     assert_one_line_error(result, "bad.csv row 2", "NV")
 
 
 def test_acdc_missing_root_is_one_line(tmp_path):
-    result = run_script("ACDC", "trainSimCLR.py", "--data-root", tmp_path / "absent", *TINY)
+    result = run_in_process("ACDC", "trainSimCLR.py", "--data-root", tmp_path / "absent", *TINY)
     assert_one_line_error(result, "absent", "mirl.sample_data acdc")

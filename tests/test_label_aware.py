@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import run_script
+from conftest import run_in_process
 
 from mirl import study
 from mirl.config import PretrainConfig
@@ -136,7 +136,7 @@ def test_label_aware_and_efficientnet_pretraining_then_fine_tuning(rsna_root, tm
             ("MoCo_downstream.py", ["--frozen", "--pretrained", tmp_path / "efficient" / "checkpoint.pth"],
              "efficient_frozen")]
     for script, flags, name in runs:
-        result = run_script("RSNA_MoCo", script, *common, *flags, "--output-dir", tmp_path / name)
+        result = run_in_process("RSNA_MoCo", script, *common, *flags, "--output-dir", tmp_path / name)
         assert result.returncode == 0, result.stderr[-2000:]
     split = len((tmp_path / "splits" / "train10F.txt").read_text().split())
     assert json.loads((tmp_path / "super" / "config.json").read_text())["labelled_images"] == split

@@ -6,7 +6,7 @@ from collections import Counter
 import pydicom
 import pytest
 import torch
-from conftest import TINY, run_script
+from conftest import TINY, run_in_process
 
 from mirl.config import PretrainConfig
 from mirl.datasets import ACDC, ISIC, RSNA, ImageDataset
@@ -97,7 +97,7 @@ def test_a_paired_batch_holds_anchor_and_partner_images(isic_root, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["trainMoCoV2.py", "trainBYOL.py"])
 def test_pretraining_with_patient_positives(isic_root, tmp_path, script):
-    result = run_script("ISIC", script, "--data-root", isic_root, "--split-dir", tmp_path / "splits",
+    result = run_in_process("ISIC", script, "--data-root", isic_root, "--split-dir", tmp_path / "splits",
                         "--output-dir", tmp_path / "out", *TINY, "--batch-size", "8", "--knn-images", "0",
                         "--positives", "patient")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -7,12 +7,13 @@ from functools import partial
 import pytest
 import torch
 import torchvision
-from conftest import TINY, assert_one_line_error, run_entry
+from conftest import TINY, assert_one_line_error, run_entry, run_in_process
 from conftest import run_script as run_in_folder
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
 
-run_script = partial(run_in_folder, "RSNA_MoCo")
+run_script = partial(run_in_folder, "RSNA_MoCo")  # a subprocess, as a user runs it: the pretraining fixture
+run_here = partial(run_in_process, "RSNA_MoCo")  # the other runs, without a torch start-up each
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_downstream_writes_metrics(pretrained, rsna_root, tmp_path, script, meth
     runs, splits = pretrained
     args = ["--data-root", rsna_root, "--output-dir", tmp_path, "--split-dir", splits, "--fraction", "50",
             "--pretrained", runs[method] / "checkpoint.pth", *TINY, "--epochs", "2"]
-    result = run_script(script, *args, *([mode] if mode else []))
+    result = run_here(script, *args, *([mode] if mode else []))
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for split in ("test", "val"):
@@ -82,34 +83,34 @@ def test_supervised_baseline_starts_from_local_torchvision_weights(rsna_root, pr
     weights = tmp_path / "resnet18_imagenet_like.pth"
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    result = run_script("MoCo_downstream.py", "--resnet", "--init-weights", weights, "--data-root", rsna_root,
+    result = run_here("MoCo_downstream.py", "--resnet", "--init-weights", weights, "--data-root", rsna_root,
                         "--output-dir", tmp_path / "run", "--split-dir", pretrained[1], *TINY)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["mode"] == "resnet"
 
 
 def test_missing_data_root_is_one_line(tmp_path):
-    result = run_script("trainMoCo.py", "--data-root", tmp_path / "nowhere", "--output-dir", tmp_path, *TINY)
+    result = run_here("trainMoCo.py", "--data-root", tmp_path / "nowhere", "--output-dir", tmp_path, *TINY)
     assert_one_line_error(result, "nowhere", "sample_data")
     assert not (tmp_path / "checkpoint.pth").exists()
 
 
 def test_empty_label_csv_is_one_line(tmp_path, pretrained):
     (tmp_path / "stage_2_train.csv").write_text("")
-    result = run_script("MoCo_downstream.py", "--data-root", tmp_path, "--output-dir", tmp_path / "out",
+    result = run_here("MoCo_downstream.py", "--data-root", tmp_path, "--output-dir", tmp_path / "out",
                         "--pretrained", pretrained[0]["moco"] / "checkpoint.pth", *TINY)
     assert_one_line_error(result, "stage_2_train.csv", "empty")
 
 
 def test_checkpoint_of_the_wrong_method_is_one_line(rsna_root, pretrained, tmp_path):
-    result = run_script("MoCo_downstream.py", "--data-root", rsna_root, "--output-dir", tmp_path,
+    result = run_here("MoCo_downstream.py", "--data-root", rsna_root, "--output-dir", tmp_path,
                         "--pretrained", pretrained[0]["simclr"] / "checkpoint.pth", *TINY)
     assert_one_line_error(result, "SimCLR", "trainMoCo.py")
     assert not (tmp_path / "metrics.json").exists()
 
 
 def test_bad_flag_is_one_line(tmp_path):
-    result = run_script("MoCo_downstream.py", "--fraction", "3")
+    result = run_here("MoCo_downstream.py", "--fraction", "3")
     assert_one_line_error(result, "--fraction")
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pydicom
 import pytest
 import torch
-from conftest import assert_one_line_error, run_entry, run_script
+from conftest import assert_one_line_error, run_entry, run_in_process
 from PIL import Image
 
 from mirl import cache, checkpoints, study
@@ -147,11 +147,12 @@ def test_an_own_labels_run_relaunches_from_its_config(isic_root, tmp_path):
     truth = pd.read_csv(isic_root / "ISIC_2019_Training_GroundTruth.csv")
     truth[["image", "MEL", "NV"]].assign(MEL=lambda t: t.MEL.astype(int), NV=lambda t: 1 - t.MEL.astype(int)) \
         .to_csv(labels, index=False)
-    first = run_script("ISIC", "trainSimCLR.py", "--data-root", isic_root, "--labels", labels, *TINY, "--epochs", "1",
-                       "--knn-images", "0", "--output-dir", tmp_path / "first", "--split-dir", tmp_path / "splits")
+    first = run_in_process("ISIC", "trainSimCLR.py", "--data-root", isic_root, "--labels", labels, *TINY, "--epochs",
+                           "1", "--knn-images", "0", "--output-dir", tmp_path / "first",
+                           "--split-dir", tmp_path / "splits")
     assert first.returncode == 0, first.stderr[-2000:]
-    again = run_script("ISIC", "trainSimCLR.py", "--config", tmp_path / "first" / "config.json",
-                       "--output-dir", tmp_path / "again")
+    again = run_in_process("ISIC", "trainSimCLR.py", "--config", tmp_path / "first" / "config.json",
+                           "--output-dir", tmp_path / "again")
     assert again.returncode == 0, again.stderr[-2000:]
     recorded = json.loads((tmp_path / "again" / "config.json").read_text())
     assert recorded["labels"] == str(labels) and recorded["dataset"] == "isic:labels.csv"

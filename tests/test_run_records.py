@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY, assert_one_line_error, run_entry, run_script, script_folder
+from conftest import REPO, TINY, assert_one_line_error, run_entry, run_in_process, script_folder
 
 from mirl.cli import data_folder_name, pretrain_parser
 from mirl.config import DownstreamConfig
@@ -80,7 +80,8 @@ def test_own_data_runs_apart_and_a_checkpoint_of_other_data_is_refused(isic_root
     refused = run_entry(capsys, "ISIC", "MoCov2_downstream.py", "--data-root", other, "--pretrained",
                         sample_checkpoint, "--frozen", *TINY, "--batch-size", "8")
     assert_one_line_error(refused, "other data", "--transfer")
-    result = run_script("ISIC", "MoCov2_downstream.py", "--data-root", other, "--frozen", *TINY, "--batch-size", "8")
+    result = run_in_process("ISIC", "MoCov2_downstream.py", "--data-root", other, "--frozen", *TINY, "--batch-size",
+                            "8")
     assert result.returncode == 0, result.stderr
     record = json.loads(next((runs / data_folder_name(script_folder("ISIC"), other, None)).glob(
         "mocov2_frozen_100F/config.json")).read_text())
