@@ -17,17 +17,14 @@ import torch.nn.functional as F
 
 from mirl import distributed
 from mirl.augment import RECIPES, BatchAugment
-from mirl.cache import open_cache
 from mirl.checkpoints import (
     CHECKPOINT_NAME,
-    check_same_run,
     file_digest,
     load_checkpoint,
-    reading_state,
     save_checkpoint,
     writing,
 )
-from mirl.config import DownstreamConfig, identity_digest
+from mirl.config import DownstreamConfig
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord, image_kinds
 from mirl.encoders import check_input_size, load_encoder, local_weights
 from mirl.errors import CheckpointError, InputError
@@ -36,15 +33,8 @@ from mirl.loaders import make_loader
 from mirl.metrics import bootstrap_interval, evaluate, primary_metric, reported_metrics
 from mirl.models import ENCODERS, METHODS, MethodSpec, architecture, build_classifier, known_architecture
 from mirl.optim import build_scheduler
-from mirl.run_files import RunLog, open_run, provenance
-from mirl.runtime import (
-    OtherProcessesLoad,
-    precision_name,
-    prepare_network,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-)
+from mirl.run_session import RunSession
+from mirl.runtime import prepare_network
 from mirl.splits import load_splits, split_digest, split_files_digest
 from mirl.training import Trainer
 
@@ -254,27 +244,17 @@ def selection_score(metrics: dict, selection: str) -> float:
 def downstream(description: DatasetDescription, config: DownstreamConfig) -> None:
     """Train and evaluate a classifier on `--fraction` % of the labels; writes metrics.json and checkpoint.pth."""
     method = METHODS[config.method]
-    device = resolve_device(config.device)
-    distributed.init_from_environment(device)  # first: the run's identity holds the world size
-    load = OtherProcessesLoad()  # over the start-up: were the cores already busy?
-    store, resume_from, resumed = open_run(config.output_dir, config.keep, publish=False, resume=config.resume)
+    session = RunSession(config, publish=False)
+    device, precision = session.device, session.precision
     arch, encoder, source, pretraining_data = starting_weights(method, config)
     run = replace(config, arch=arch)
     mode = run.mode
-    identity = downstream_identity(description, run)
-    if resumed is not None:  # before the data is listed: a state of another run is refused at once
-        check_same_run(resumed, identity, resume_from)
-    precision = resolve_precision(run.precision, device)
+    session.settle_identity(downstream_identity(description, run))
     train, val, test = labelled_splits(description, run)
-    splits = {"splits": split_files_digest(run.split_dir)}  # the splits' contents, once they exist
-    identity = {**identity, **splits}
-    if resumed is not None:
-        check_same_run(resumed, splits, resume_from)
+    session.add_to_identity({"splits": split_files_digest(run.split_dir)})  # the splits' contents, once they exist
+    identity = session.identity
     check_pretraining_data(run, pretraining_data, test)
-
-    # the cache first: building it must not move the random streams that the seed sets for training
-    cache = open_cache(description, run.data_root, run.image_size, run.cache, run.workers) if run.cache else None
-    seed_everything(run.seed, run.deterministic)
+    cache = session.cache_then_seed(description, run)
     classes = description.classes
     family = architecture(run.arch)
     model = build_classifier(run.arch, len(classes))
@@ -293,8 +273,7 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
                                                            len(classes), len(probe_lrs)))
     model = prepare_network(model, device, run.channels_last, run.compile)
     # `network` trains (wrapped for DDP under torchrun); `model` is the plain torchvision model it wraps
-    network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if distributed.is_distributed() else model
+    network = session.parallel(model)
     optimizer = classifier_optimizer(model, run, probe_lrs, pretrained=encoder is not None)
 
     def dataset(split: list[ImageRecord]) -> ImageDataset:
@@ -313,19 +292,13 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
     scheduler = build_scheduler(optimizer, schedule, total_steps, warmup_steps)
     augment = BatchAugment(RECIPES["linear" if run.frozen else "finetune"], run.image_size)
     evaluate_every = max(1, run.epochs // EVALUATIONS)
-    log = RunLog(run.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
-    record = {**run.flags(), "flags": config.flags(), "script": config.script, "method": identity["method"],
-              "mode": mode,
-              "steps": total_steps,
-              "passes_per_epoch": passes,
-              "warmup_steps": warmup_steps, "optimizer": type(optimizer).__name__,
-              # the linear probe: one rate per head of the grid; fine-tuning: the head's, then the encoder's
-              "learning_rates": [group["initial_lr"] for group in optimizer.param_groups],
-              "dataset": description.name, "device": str(device), "precision": precision_name(precision),
-              "train_images": len(train), "val_images": len(val), "test_images": len(test),
-              "schedule": schedule, "resumed_from": resume_from, "software": provenance(),
-              "identity": identity, "run_id": identity_digest(identity)}
-    log.json("config.json", record)
+    record = session.write_config(config, run, description, {
+        "method": identity["method"], "mode": mode, "steps": total_steps, "passes_per_epoch": passes,
+        "warmup_steps": warmup_steps, "optimizer": type(optimizer).__name__,
+        # the linear probe: one rate per head of the grid; fine-tuning: the head's, then the encoder's
+        "learning_rates": [group["initial_lr"] for group in optimizer.param_groups],
+        "train_images": len(train), "val_images": len(val), "test_images": len(test), "schedule": schedule})
+    log = session.log
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return classification_loss(network(augment(images)).float(), labels, description.multilabel)
@@ -369,16 +342,14 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
         return {"method": record["method"], "mode": mode, "arch": run.arch, "dataset": description.name,
                 "run": identity, "model": model.state_dict(), "best": dict(best)}
 
-    trainer = Trainer(step_loss, train_loader, optimizer, scheduler, device, precision, store, run.save_every,
-                      snapshot, loss_terms=len(probe_lrs) if run.frozen else 1, save_minutes=run.save_minutes)
-    if resumed is not None:
-        with reading_state(resume_from):
-            model.load_state_dict(resumed["model"])
-            best.update(resumed["best"])
-            trainer.restore(resumed, resume_from)
-    if not distributed.is_distributed():  # under torchrun the other ranks keep cores busy by design
-        load.warn_if_busy()
-    trainer.fit(run.epochs, log, end_of_epoch, train_mode)
+    trainer = Trainer(step_loss, train_loader, optimizer, scheduler, device, precision, session.store,
+                      run.save_every, snapshot, loss_terms=len(probe_lrs) if run.frozen else 1,
+                      save_minutes=run.save_minutes)
+
+    def restore(state: dict) -> None:
+        model.load_state_dict(state["model"])
+        best.update(state["best"])
+    session.train(trainer, run.epochs, end_of_epoch, train_mode, restore)
     if run.frozen:  # back to the plain torchvision classifier, holding the head chosen on validation
         family.replace_output_layer(model, nn.Linear(family.output_layer(model).heads[0].in_features,
                                                      len(classes)).to(device))
@@ -408,11 +379,9 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
                      "image_size": run.image_size, "run": identity, "image_kinds": image_kinds([*train, *val, *test]),
                      "classes": list(classes), "model": model.state_dict(), "best_epoch": best["epoch"]},
                     run.output_dir / CHECKPOINT_NAME)
-    if not run.keep_states:  # published: metrics.json and checkpoint.pth are what a finished run needs
-        store.remove_states()
-    log.hparams({**run.flags(), "mode": mode, "selected_lr": best["lr"]},
-                {f"test_{k}": results["test"].get(k) for k in reported_metrics(description.multilabel)})
-    log.close()
+    # published: metrics.json and checkpoint.pth are what a finished run needs
+    session.publish(run.keep_states, {**run.flags(), "mode": mode, "selected_lr": best["lr"]},
+                    {f"test_{k}": results["test"].get(k) for k in reported_metrics(description.multilabel)})
     if distributed.is_main_process():
         print(f"test {selection}: {four_digits(results['test'][selection])}  (val {selection} "
               f"{four_digits(results['val'][selection])}, best epoch {best['epoch']}) -> "

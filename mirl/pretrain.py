@@ -9,13 +9,11 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from mirl import distributed
 from mirl.augment import BatchAugment, view_recipe
-from mirl.cache import open_cache
-from mirl.checkpoints import CHECKPOINT_NAME, check_same_run, file_digest, reading_state
-from mirl.config import PretrainConfig, identity_digest
+from mirl.checkpoints import CHECKPOINT_NAME, file_digest
+from mirl.config import PretrainConfig
 from mirl.datasets import DatasetDescription, DecodedImages, ImageDataset, ImageRecord, image_kinds
 from mirl.encoders import architecture, check_input_size, local_weights, start_encoders_from
 from mirl.errors import InputError
@@ -26,15 +24,8 @@ from mirl.monitor import KnnMonitor, sample_records
 from mirl.optim import LARS, build_scheduler, lars_parameter_groups
 from mirl.positives import PairedImages, partner_candidates
 from mirl.pretraining_method import PretrainingMethod
-from mirl.run_files import RunLog, open_run, provenance
-from mirl.runtime import (
-    OtherProcessesLoad,
-    precision_name,
-    prepare_network,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-)
+from mirl.run_session import RunSession
+from mirl.runtime import prepare_network
 from mirl.splits import load_splits, split_digest, split_files_digest
 from mirl.training import Trainer
 
@@ -180,15 +171,10 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     """Pretrain an encoder. `checkpoint.pth` is always the newest training state; its `encoder` loads
     into the plain torchvision model. `--resume` continues a run exactly where a state left it."""
     method = METHODS[config.method]
-    device = resolve_device(config.device)
-    distributed.init_from_environment(device)  # first: the run's identity holds the world size
-    load = OtherProcessesLoad()  # over the start-up: were the cores already busy?
-    store, resume_from, resumed = open_run(config.output_dir, config.keep, publish=True, resume=config.resume)
+    session = RunSession(config, publish=True)
+    device, precision, resumed = session.device, session.precision, session.resumed
     run = settled_config(method, config, resumed, description)
-    identity = pretraining_identity(description, run)
-    if resumed is not None:  # before listing the data: a state of another run is refused at once
-        check_same_run(resumed, {k: v for k, v in identity.items() if k not in method.settled_options}, resume_from)
-    precision = resolve_precision(run.precision, device)
+    session.settle_identity(pretraining_identity(description, run), unsettled=method.settled_options)
     # read before listing the data, so a bad file stops the run at once; a resumed run has its own weights
     initial = local_weights(run.init_weights, run.arch) if run.init_weights is not None and resumed is None else None
     records, monitor_sets, held_out = pretraining_records(description, run)
@@ -197,14 +183,9 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     options = method.settle(method.options(run.options), len(records))
     prepared = {name: getattr(options, name) for name in method.settled_options}
     run = replace(run, options=asdict(options))
-    settled = {**prepared, "splits": split_files_digest(run.split_dir) if held_out is not None else None}
-    identity = {**identity, **settled}
-    if resumed is not None:
-        check_same_run(resumed, settled, resume_from)
-
-    # the cache first: building it must not move the random streams that the seed sets for training
-    cache = open_cache(description, run.data_root, run.image_size, run.cache, run.workers) if run.cache else None
-    seed_everything(run.seed, run.deterministic)
+    session.add_to_identity({**prepared, "splits": split_files_digest(run.split_dir) if held_out is not None else None})
+    identity = session.identity
+    cache = session.cache_then_seed(description, run)
     # a label-aware run: the label vectors gain a "no finding" class, and the method receives them
     label_dim = len(description.classes) + 1 if run.supervised else 0
     loader, partners = pair_loader(description, run, records, label_dim or len(description.classes), cache)
@@ -217,34 +198,24 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     if initial is not None:
         start_encoders_from(model, initial, run.init_weights, run.arch)
     core = model
-    if resumed is not None:
-        with reading_state(resume_from):
-            core.load_state_dict(resumed["model"])
-    if distributed.is_distributed():
-        # every rank enqueues the same gathered keys, so the queue (32 MB at K = 65,536) is not broadcast each
-        # step; each rank's BatchNorm keeps its own running statistics, as under fb/moco, and rank 0's are saved
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
+    session.restore_weights(lambda state: core.load_state_dict(state["model"]))
+    # every rank enqueues the same gathered keys, so the queue (32 MB at K = 65,536) is not broadcast each step;
+    # each rank's BatchNorm keeps its own running statistics, as under fb/moco, and rank 0's are saved
+    model = session.parallel(model, broadcast_buffers=False)
     optimizer = build_optimizer(core, run.optimizer, run.lr, recipe.weight_decay)
     warmup = min(recipe.warmup_epochs * len(loader), total_steps // 10)
     scheduler = build_scheduler(optimizer, recipe.schedule, total_steps, warmup, recipe.weight_decay_end)
     augments = [BatchAugment(view_recipe(view, run.augment), view.size) for view in views]
 
-    log = RunLog(run.output_dir, resumed_at_step=resumed["steps"] + 1 if resumed is not None else None)
-    record = {**run.flags(), "flags": config.flags(), "script": config.script, "method": method.name,
-              "dataset": description.name,
-              "images": len(records),
-              "images_with_a_partner": sum(map(bool, partners)) if partners is not None else None,
-              "device": str(device), "precision": precision_name(precision),
-              "world_size": distributed.world_size(), "resumed_from": resume_from,
-              # the schedule as it runs: the rate above is the one used (--lr, else lr_per_256 x global batch / 256)
-              "lr_per_256": recipe.lr_per_256, "weight_decay": recipe.weight_decay,
-              "weight_decay_end": recipe.weight_decay_end, "schedule": recipe.schedule, "recipe": recipe.source,
-              "views": [asdict(view) for view in views],
-              "steps": total_steps, "warmup_steps": warmup, "software": provenance(),
-              "labelled_images": sum(bool(r.labels.any()) for r in records) if run.supervised else 0,
-              "identity": identity, "run_id": identity_digest(identity)}
-    log.json("config.json", record)
+    record = session.write_config(config, run, description, {
+        "method": method.name, "images": len(records),
+        "images_with_a_partner": sum(map(bool, partners)) if partners is not None else None,
+        # the schedule as it runs: the rate above is the one used (--lr, else lr_per_256 x global batch / 256)
+        "lr_per_256": recipe.lr_per_256, "weight_decay": recipe.weight_decay,
+        "weight_decay_end": recipe.weight_decay_end, "schedule": recipe.schedule, "recipe": recipe.source,
+        "views": [asdict(view) for view in views], "steps": total_steps, "warmup_steps": warmup,
+        "labelled_images": sum(bool(r.labels.any()) for r in records) if run.supervised else 0})
+    log = session.log
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # the method's views of each image, or alternately of each pair's two images
@@ -276,19 +247,12 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
             log.scalar(f"monitor/{name}", value)
         return latest["monitor"]
 
-    trainer = Trainer(step_loss, loader, optimizer, scheduler, device, precision, store, run.save_every, snapshot,
-                      save_minutes=run.save_minutes, hooks=core)
-    if resumed is not None:
-        with reading_state(resume_from):
-            trainer.restore(resumed, resume_from)
-    if not distributed.is_distributed():  # under torchrun the other ranks keep cores busy by design
-        load.warn_if_busy()
-    trainer.fit(run.epochs, log, end_of_epoch, train_mode=model.train)
-    if not run.keep_states:  # published: checkpoint.pth, a hard link of the newest state, is what remains
-        store.remove_states()
+    trainer = Trainer(step_loss, loader, optimizer, scheduler, device, precision, session.store, run.save_every,
+                      snapshot, save_minutes=run.save_minutes, hooks=core)
+    session.train(trainer, run.epochs, end_of_epoch, train_mode=model.train)
     final = {"loss": trainer.last_loss, **latest["monitor"]}
-    log.hparams(run.flags(), final)
-    log.close()
+    # published: checkpoint.pth, a hard link of the newest state, is what remains
+    session.publish(run.keep_states, run.flags(), final)
     if distributed.is_main_process():
         numbers = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if v is not None)
         print(f"pretraining done: {run.epochs} epochs, {total_steps} steps ({numbers}); encoder in "
