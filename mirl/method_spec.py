@@ -118,10 +118,6 @@ class MethodSpec:
                              f"{', '.join(names) or 'none'})")
         return self.options_type(**given)
 
-    def settle(self, options: Any, images: int) -> Any:
-        """The options once the number of pretraining images is known."""
-        return self.prepare(options, images)
-
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
         """One flag per option, with its type, default and help."""
         group = parser.add_argument_group(f"{self.title} options")

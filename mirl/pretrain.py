@@ -180,7 +180,7 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     records, monitor_sets, held_out = pretraining_records(description, run)
     kinds = image_kinds(records)  # the readers its images went through, for an export's preprocessing record
     # what follows from the number of images (MoCo's K), and the contents of the splits the data was held out by
-    options = method.settle(method.options(run.options), len(records))
+    options = method.prepare(method.options(run.options), len(records))
     prepared = {name: getattr(options, name) for name in method.settled_options}
     run = replace(run, options=asdict(options))
     session.add_to_identity({**prepared, "splits": split_files_digest(run.split_dir) if held_out is not None else None})

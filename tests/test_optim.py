@@ -64,3 +64,27 @@ def test_scheduler_applies_the_factor_to_every_group():
         scheduler.step()
     assert rates[5] == pytest.approx([1.0, 0.5]) and rates[6] == pytest.approx([0.1, 0.05])
     assert rates[8] == pytest.approx([0.01, 0.005])
+
+
+def test_weight_decay_follows_a_cosine_to_its_end_value_and_resumes_exactly():
+    """DINO's ViT recipe: weight decay 0.04 to 0.4 on a cosine over training; biases and norms stay at 0."""
+    weights, biases = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([{"params": [weights]}, {"params": [biases], "weight_decay": 0.0}], lr=1e-3,
+                                  weight_decay=0.04)
+    scheduler = build_scheduler(optimizer, "cosine", total_steps=10, warmup_steps=2, weight_decay_end=0.4)
+    decays = []
+    for _ in range(10):
+        decays.append(optimizer.param_groups[0]["weight_decay"])
+        assert optimizer.param_groups[1]["weight_decay"] == 0.0
+        optimizer.step()
+        scheduler.step()
+    expected = [0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi * t / 10)) for t in range(10)]
+    assert decays == pytest.approx(expected)
+    resumed_optimizer = torch.optim.AdamW([{"params": [weights]}, {"params": [biases], "weight_decay": 0.0}],
+                                          lr=1e-3, weight_decay=0.04)
+    resumed = build_scheduler(resumed_optimizer, "cosine", total_steps=10, warmup_steps=2, weight_decay_end=0.4)
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    resumed.load_state_dict(scheduler.state_dict())
+    resumed.step()
+    scheduler.step()
+    assert resumed_optimizer.param_groups[0]["weight_decay"] == optimizer.param_groups[0]["weight_decay"]
