@@ -342,14 +342,14 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
         return {"method": record["method"], "mode": mode, "arch": run.arch, "dataset": description.name,
                 "run": identity, "model": model.state_dict(), "best": dict(best)}
 
-    trainer = Trainer(step_loss, train_loader, optimizer, scheduler, device, precision, session.store,
-                      run.save_every, snapshot, loss_terms=len(probe_lrs) if run.frozen else 1,
-                      save_minutes=run.save_minutes)
-
     def restore(state: dict) -> None:
         model.load_state_dict(state["model"])
         best.update(state["best"])
-    session.train(trainer, run.epochs, end_of_epoch, train_mode, restore)
+    session.restore_weights(restore)
+    trainer = Trainer(step_loss, train_loader, optimizer, scheduler, device, precision, session.store,
+                      run.save_every, snapshot, loss_terms=len(probe_lrs) if run.frozen else 1,
+                      save_minutes=run.save_minutes)
+    session.train(trainer, run.epochs, end_of_epoch, train_mode)
     if run.frozen:  # back to the plain torchvision classifier, holding the head chosen on validation
         family.replace_output_layer(model, nn.Linear(family.output_layer(model).heads[0].in_features,
                                                      len(classes)).to(device))

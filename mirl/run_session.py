@@ -60,7 +60,8 @@ class RunSession:
         return cache
 
     def restore_weights(self, load: Callable[[dict], object]) -> None:
-        """`load(state)` with a resumed state, reading errors named after its file; nothing for a fresh run."""
+        """`load(state)` with a resumed state (the network's weights and what else the caller keeps), reading
+        errors named after its file; nothing for a fresh run."""
         if self.resumed is not None:
             with reading_state(self.resume_from):
                 load(self.resumed)
@@ -87,13 +88,11 @@ class RunSession:
         return record
 
     def train(self, trainer: Trainer, epochs: int, end_of_epoch: Callable[[int], dict[str, float]],
-              train_mode: Callable[[], None], restore: Callable[[dict], object] | None = None) -> None:
-        """Continue a resumed state (`restore(state)` first, for what the caller keeps besides the trainer's),
-        warn when other processes keep the cores busy, then train up to `epochs`."""
+              train_mode: Callable[[], None]) -> None:
+        """Continue a resumed state (the optimizer, schedule, position and random streams; the weights came with
+        `restore_weights`), warn when other processes keep the cores busy, then train up to `epochs`."""
         if self.resumed is not None:
             with reading_state(self.resume_from):
-                if restore is not None:
-                    restore(self.resumed)
                 trainer.restore(self.resumed, self.resume_from)
         if not distributed.is_distributed():  # under torchrun the other ranks keep cores busy by design
             self._load.warn_if_busy()

@@ -78,3 +78,11 @@ def test_nothing_outside_a_methods_module_asks_which_method_it_is():
                 if any(value in names for value in constants):
                     found.append(f"{path.name}:{node.lineno} compares with a method's name")
     assert not found, found
+
+
+def test_the_torch_free_choices_name_what_the_code_has():
+    from mirl.augment import MODALITY_RECIPES
+    from mirl.config import AUGMENT_STYLES
+    from mirl.encoders import ENCODERS
+    from mirl.flags import TORCHVISION_ENCODERS
+    assert tuple(MODALITY_RECIPES) == AUGMENT_STYLES and tuple(ENCODERS) == TORCHVISION_ENCODERS
