@@ -111,7 +111,7 @@ class PretrainConfig(RunConfig):
     labels too."""
 
     method: str
-    optimizer: str | None = None  # None: the method's (SGD for MoCo, LARS for SimCLR and BYOL)
+    optimizer: str | None = None  # None: the method's recipe for the architecture (SGD, LARS or AdamW)
     augment: str | None = None  # None: grey for CT and MR datasets, the paper's colour recipe otherwise
     positives: str = "views"
     knn_images: int = 2000
