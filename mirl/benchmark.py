@@ -56,7 +56,7 @@ from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, 
 from mirl.loaders import make_loader
 from mirl.method_spec import TrainingPlan, View
 from mirl.methods import METHODS
-from mirl.pretrain import build_optimizer
+from mirl.pretrain import build_optimizer, training_recipe
 from mirl.pretraining_method import PretrainingMethod
 from mirl.runtime import precision_name, prepare_network, resolve_device, resolve_precision
 from mirl.sample_data import write_rsna
@@ -140,7 +140,7 @@ def contrastive_step(model: PretrainingMethod, method: str, arch: str, batch_siz
                      precision: torch.dtype | None, views: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
                      ) -> TrainingStep:
     """One training step of the method's optimizer at its paper learning rate for `batch_size`, with its hooks."""
-    recipe = METHODS[method].recipe_for(architecture(arch).transformer)
+    recipe = training_recipe(METHODS[method], arch)
     optimizer = build_optimizer(model, recipe.optimizer, recipe.lr_per_256 * batch_size / 256, recipe.weight_decay)
     return TrainingStep(lambda images, _: model(*views(images))[0], optimizer, None, device, precision, hooks=model)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 from mirl.errors import InputError
@@ -121,10 +121,9 @@ class MethodSpec:
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
         """One flag per option, with its type, default and help."""
         group = parser.add_argument_group(f"{self.title} options")
-        for option_field in fields(self.options_type):
-            default = option_field.default if option_field.default is not MISSING else None
+        for option_field in fields(self.options_type):  # every field is an `option`, with its default
             group.add_argument(flag_name(option_field.name), dest=option_field.name,
-                               type=option_field.metadata["parse"], default=default,
+                               type=option_field.metadata["parse"], default=option_field.default,
                                help=option_field.metadata["help"])
 
     def build(self, arch: str, options: Any, plan: TrainingPlan) -> Any:

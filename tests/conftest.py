@@ -56,34 +56,39 @@ SCRIPTS = {"trainMoCo.py": ("pretrain", "moco"), "trainMoCoV2.py": ("pretrain", 
 DATASET_OF_FOLDER = {"RSNA_MoCo": "rsna", "ISIC": "isic", "ACDC": "acdc"}
 
 
-def run_entry(capsys, folder: str, script: str, *args) -> subprocess.CompletedProcess:
-    """A script's entry point called in this process, with the script's own file and folder: for runs
-    that must stop before training, which would otherwise each pay a python and torch start-up."""
+def call_entry_point(folder: str, script: str, args: tuple) -> int:
+    """A script's entry point called in this process, with the script's own file and folder. What
+    `--deterministic` switches on stays with its run: later tests get the setting they had."""
     from mirl.cli import downstream_script, pretrain_script
     kind, method = SCRIPTS[script]
     entry = pretrain_script if kind == "pretrain" else downstream_script
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return entry(DATASET_OF_FOLDER[folder], method, str(script_folder(folder) / script), [str(a) for a in args])
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def run_entry(capsys, folder: str, script: str, *args) -> subprocess.CompletedProcess:
+    """A script run in this process, its output read from capsys; a flag the parser refuses raises SystemExit:
+    for runs that must stop before training, which would otherwise each pay a python and torch start-up."""
     capsys.readouterr()
-    code = entry(DATASET_OF_FOLDER[folder], method, str(script_folder(folder) / script), [str(a) for a in args])
+    code = call_entry_point(folder, script, args)
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(script, code, captured.out, captured.err)
 
 
 def run_in_process(folder: str, script: str, *args) -> subprocess.CompletedProcess:
-    """A script's entry point called in this process with its output captured, as `run_script` reports it: a
-    successful run that would otherwise pay a python and torch start-up (about 3 s). `run_script` stays where the
-    process itself is under test (signals, torchrun, the README's commands, the first pretraining of a method)."""
-    from mirl.cli import downstream_script, pretrain_script
-    kind, method = SCRIPTS[script]
-    entry = pretrain_script if kind == "pretrain" else downstream_script
+    """A script run in this process with its output captured, as `run_script` reports it (a refused flag is
+    exit code 2): a successful run that would otherwise pay a python and torch start-up (about 3 s). `run_script`
+    stays where the process itself is under test (signals, torchrun, the README's commands, the first pretraining
+    of a method)."""
     out, err = io.StringIO(), io.StringIO()
-    deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         with redirect_stdout(out), redirect_stderr(err):
-            code = entry(DATASET_OF_FOLDER[folder], method, str(script_folder(folder) / script), [str(a) for a in args])
-    except SystemExit as stopped:  # a flag the parser refuses
+            code = call_entry_point(folder, script, args)
+    except SystemExit as stopped:
         code = stopped.code
-    finally:
-        torch.use_deterministic_algorithms(deterministic)  # what --deterministic set stays with its run
     return subprocess.CompletedProcess(script, code, out.getvalue(), err.getvalue())
 
 
