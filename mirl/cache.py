@@ -28,12 +28,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from mirl import distributed
-from mirl.augment import source_side
-from mirl.datasets import DATASETS, DatasetDescription, ImageDataset, ImageRecord
+from mirl.datasets import DATASETS, DatasetDescription, ImageRecord
 from mirl.edge import guarded
 from mirl.errors import InputError, OutputError
 from mirl.flags import OneLineParser, image_size, non_negative_int
 from mirl.run_files import progress
+from mirl.spatial import InputSpace
 
 # Bump when decoding changes (windows, normalisation, resizing): old caches then stop matching.
 # Format 2: images kept at source_side(image_size), the shorter side resized and the longer centre-cropped.
@@ -42,8 +42,17 @@ IMAGES_FILE, READABLE_FILE, INDEX_FILE = "images.npy", "readable.npy", "index.js
 
 
 def source_key(record: ImageRecord) -> str:
-    """How a cache names one source image: its file and, for a volume, the slice and frame."""
+    """How a cache names one source image: its file and, for a volume, the slice and frame; a DICOM series by its
+    first file and a digest of all of them."""
+    slices = getattr(record, "slices", ())
+    if slices:
+        return f"{record.path}#series-{hashlib.sha256('|'.join(map(str, slices)).encode()).hexdigest()[:12]}"
     return f"{record.path}#{record.index}" if record.index else str(record.path)
+
+
+def source_files(record: ImageRecord) -> tuple[Path, ...]:
+    """Every file a record's pixels come from."""
+    return getattr(record, "slices", ()) or (record.path,)
 
 
 def dataset_images(description: DatasetDescription, root: Path) -> list[ImageRecord]:
@@ -54,15 +63,16 @@ def dataset_images(description: DatasetDescription, root: Path) -> list[ImageRec
     return [unique[k] for k in sorted(unique)]
 
 
-def cache_key(description: DatasetDescription, records: list[ImageRecord], image_size: int) -> str:
+def cache_key(description: DatasetDescription, records: list[ImageRecord], inputs: InputSpace) -> str:
     digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "dataset": description.name,
-                                        "image_size": image_size, "source_side": source_side(image_size)}).encode())
+                                        **inputs.cache_settings()}).encode())
     for record in records:
-        stat = record.path.stat()
-        # the change time too: a copy that keeps size and modification time (cp -p, rsync -t) still changes
-        # it, at no cost beyond the stat already made; hashing contents would read every file at every start
-        digest.update(f"{source_key(record)}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}\n"
-                      .encode("utf-8", "surrogateescape"))
+        for path in source_files(record):
+            stat = path.stat()
+            # the change time too: a copy that keeps size and modification time (cp -p, rsync -t) still changes
+            # it, at no cost beyond the stat already made; hashing contents would read every file at every start
+            digest.update(f"{source_key(record) if path == record.path else path}|{stat.st_size}|"
+                          f"{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:16]
 
 
@@ -97,19 +107,20 @@ class DecodedImageCache:
         return torch.from_numpy(np.array(self.images[row])), bool(self.readable[row])
 
 
-def build_cache(records: list[ImageRecord], image_size: int, folder: Path, workers: int) -> None:
+def build_cache(records: list[ImageRecord], inputs: InputSpace, folder: Path, workers: int) -> None:
     """Decode every record once with `workers` processes and write the cache folder atomically."""
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     partial.mkdir(parents=True)
+    shape, dtype = inputs.stored_item
     try:
-        images = np.lib.format.open_memmap(partial / IMAGES_FILE, mode="w+", dtype=np.uint8,
-                                           shape=(len(records), 3, source_side(image_size), source_side(image_size)))
+        images = np.lib.format.open_memmap(partial / IMAGES_FILE, mode="w+", dtype=dtype,
+                                           shape=(len(records), *shape))
         readable = np.zeros(len(records), dtype=bool)
         unlabelled = [replace(r, labels=None) for r in records]  # pixels only: labels live in the readers
         # a generator of its own: the loader's worker seeds must not come from the global stream, which a run
         # has seeded for its training (the same seed gives the same weights whether or not the cache was built)
-        loader = DataLoader(ImageDataset(unlabelled, image_size, num_classes=0), batch_size=64, num_workers=workers,
-                            generator=torch.Generator().manual_seed(0))
+        loader = DataLoader(inputs.dataset(unlabelled, num_classes=0), batch_size=64 if inputs.volume is None else 4,
+                            num_workers=workers, generator=torch.Generator().manual_seed(0))
         row = 0
         for batch, _, ok in progress(loader, desc=f"decoding into {folder.name}", unit="batch"):
             images[row:row + len(batch)] = batch.numpy()
@@ -118,32 +129,34 @@ def build_cache(records: list[ImageRecord], image_size: int, folder: Path, worke
         images.flush()
         del images
         np.save(partial / READABLE_FILE, readable)
-        (partial / INDEX_FILE).write_text(json.dumps({"format": CACHE_FORMAT, "image_size": image_size,
+        (partial / INDEX_FILE).write_text(json.dumps({"format": CACHE_FORMAT, **inputs.cache_settings(),
                                                       "sources": [source_key(r) for r in records]}))
         os.replace(partial, folder)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def open_cache(description: DatasetDescription, root: Path, image_size: int, cache_root: Path,
+def open_cache(description: DatasetDescription, root: Path, inputs: InputSpace | int, cache_root: Path,
                workers: int) -> DecodedImageCache:
-    """The dataset's cache for these settings, built first if it does not exist (by rank 0 under DDP).
+    """The dataset's cache for these inputs (an int: 2-D images of that side), built first if it does not exist
+    (by rank 0 under DDP).
 
     The cache names images by their full path with links resolved, so one data folder named by another
     spelling (relative, through a link) reads the same cache; callers list their records from the resolved
     root (run configs resolve their paths)."""
     root = root.resolve()
+    inputs = InputSpace(inputs) if isinstance(inputs, int) else inputs
     records = dataset_images(description, root)
     if not records:
         raise InputError(f"no images found under {root}; {description.data_hint}")
-    folder = cache_root / f"{description.name}-{image_size}px-{cache_key(description, records, image_size)}"
+    folder = cache_root / f"{description.name}-{inputs.cache_name()}-{cache_key(description, records, inputs)}"
     cache = None
     if distributed.is_main_process():
         try:
             cache = intact_cache(folder, len(records))
             if cache is None:
                 cache_root.mkdir(parents=True, exist_ok=True)
-                build_cache(records, image_size, folder, workers)
+                build_cache(records, inputs, folder, workers)
         except OSError as error:  # a folder of someone else's, a read-only or full disk
             raise OutputError(f"--cache {cache_root} cannot be written or read "
                               f"({error.strerror or type(error).__name__})") from None

@@ -20,6 +20,7 @@ from mirl.config import (
     CHECKPOINT_NAME,
     FRACTIONS,
     POSITIVES,
+    SPATIAL_DIMS,
     DownstreamConfig,
     PretrainConfig,
     RunConfig,
@@ -27,6 +28,7 @@ from mirl.config import (
 from mirl.errors import InputError
 from mirl.flags import (
     TORCHVISION_ENCODERS,
+    VOLUME_ENCODERS,
     OneLineParser,
     architecture_name,
     batch_size,
@@ -36,6 +38,7 @@ from mirl.flags import (
     positive_float,
     positive_int,
     random_seed,
+    volume_side,
 )
 from mirl.methods import METHODS
 
@@ -56,9 +59,19 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, epochs_help
     parser.add_argument("--batch-size", type=batch_size, default=RunConfig.batch_size)
     parser.add_argument("--arch", type=architecture_name, default=None, metavar="ARCH",
                         help=f"encoder: {', '.join(TORCHVISION_ENCODERS)}, or any timm network as timm:NAME "
-                             "(a vision transformer such as timm:vit_small_patch16_224 with DINO) (default resnet50; "
-                             "downstream: the checkpoint's)")
-    parser.add_argument("--image-size", type=image_size, default=RunConfig.image_size)
+                             "(a vision transformer such as timm:vit_small_patch16_224 with DINO); with --dims 3: "
+                             f"{', '.join(VOLUME_ENCODERS)} (default resnet50, resnet50_3d; downstream: the "
+                             "checkpoint's)")
+    parser.add_argument("--image-size", type=image_size, default=RunConfig.image_size,
+                        help="side of the 2-D input in pixels")
+    parser.add_argument("--dims", type=int, choices=SPATIAL_DIMS, default=RunConfig.dims,
+                        help="2: images (a volume's slices one by one); 3: volumes (RSNA series, ACDC ED/ES and cine "
+                             "frames, NIfTI or DICOM-series folders) with a 3-D encoder (--arch resnet18_3d, ...)")
+    parser.add_argument("--volume-size", type=volume_side, nargs=3, default=None, metavar=("D", "H", "W"),
+                        help="--dims 3: the input in voxels (default: the dataset's, README Volumes)")
+    parser.add_argument("--voxel-size", type=positive_float, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                        help="--dims 3: the input's voxel size in mm (default: the dataset's; a folder of your own "
+                             "volumes: each volume's whole extent fitted to --volume-size)")
     parser.add_argument("--workers", type=non_negative_int, default=RunConfig.workers)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
@@ -162,13 +175,13 @@ def downstream_parser(dataset: str, method: str, folder: Path) -> argparse.Argum
 
 
 def bound_dataset(dataset: str, config: RunConfig) -> DatasetDescription:
-    """The script's dataset, or the user's own labelled data when `--labels` is given."""
+    """The script's dataset, or the user's own labelled data when `--labels` is given, read with the run's dims."""
     from mirl.datasets import DATASETS, with_label_csv  # after parsing: see the module's docstring
     if config.labels is None:
         if config.group_column is not None:
             raise InputError("--group-column names a column of your --labels CSV; pass --labels too")
-        return DATASETS[dataset]
-    return with_label_csv(DATASETS[dataset], config.labels, config.data_root, config.group_column)
+        return DATASETS[dataset].in_dims(config.dims)
+    return with_label_csv(DATASETS[dataset], config.labels, config.data_root, config.group_column).in_dims(config.dims)
 
 
 def script_name(dataset: str, script_file: str) -> str:
@@ -201,7 +214,7 @@ def recorded_arguments(parser: argparse.ArgumentParser, flags: dict[str, object]
                 arguments.append(option if value else f"--no-{option[2:]}")
             elif value:
                 arguments.append(option)
-        elif action.nargs in ("+", "*"):
+        elif action.nargs in ("+", "*") or isinstance(action.nargs, int):
             if not isinstance(value, list) or not value:
                 raise InputError(f"{name} is {json.dumps(value)[:40]}, expected a list of values")
             arguments += [option, *map(str, value)]
@@ -260,10 +273,13 @@ def data_folder_name(folder: Path, data_root: Path, labels: Path | None) -> str 
 
 
 def default_folders(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    """Where the script's runs go by default, and its split files, for the data it is given."""
+    """Where the script's runs go by default, and its split files, for the data it is given; a volume run's in
+    their own `3d/` sub-folders (its records are volumes, its splits split volumes)."""
     name = data_folder_name(folder, args.data_root, args.labels)
     runs, splits = folder / "runs", folder / "splits"
-    return (runs, splits) if name is None else (runs / name, splits / name)
+    if name is not None:
+        runs, splits = runs / name, splits / name
+    return (runs, splits) if args.dims == 2 else (runs / "3d", splits / "3d")
 
 
 def pretrain_script(dataset: str, method: str, script_file: str, argv: list[str] | None = None) -> int:

@@ -32,6 +32,8 @@ NOT_FLAGS = ("options", "method", "script")  # fields a script binds itself, not
 FRACTIONS = (100, 50, 20, 10, 5, 1)  # percent of the training labels, one split file each
 POSITIVES = ("views", "study", "patient")  # what a pair's two views come from (`mirl.positives`)
 AUGMENT_STYLES = ("paper", "grey", "ct", "mr", "dermoscopy")  # `mirl.augment.MODALITY_RECIPES`
+SPATIAL_DIMS = (2, 3)  # images or volumes (`mirl.spatial`)
+VOLUME_FIELDS = ("dims", "volume_size", "voxel_size")  # a 2-D run's identity leaves them out: it is as it was
 CHECKPOINT_NAME = "checkpoint.pth"  # a run's published state, beside its config.json and metrics
 
 
@@ -51,6 +53,9 @@ class RunConfig:
     batch_size: int = 256
     arch: str | None = None
     image_size: int = 224
+    dims: int = 2
+    volume_size: tuple[int, int, int] | None = None  # --dims 3: the input in voxels (D, H, W); None: the dataset's
+    voxel_size: tuple[float, float, float] | None = None  # --dims 3: mm (z, y, x); None: the dataset's, else fitted
     workers: int = DEFAULT_WORKERS
     device: str = "auto"
     precision: str = "auto"
@@ -76,6 +81,8 @@ class RunConfig:
         for name, value in vars(self).items():
             if isinstance(value, Path):
                 object.__setattr__(self, name, value.resolve())
+            if isinstance(value, list):  # a shape from a flag or a config.json: held as the tuple it is
+                object.__setattr__(self, name, tuple(value))
 
     @classmethod
     def from_flags(cls: type[AnyConfig], flags: Mapping[str, object]) -> AnyConfig:
@@ -92,7 +99,8 @@ class RunConfig:
         method's options. A run adds what only it knows (the dataset, the world size, the hash of the
         encoder it starts from) and compares the whole on resume; a study compares it before reusing."""
         values = {f.name: getattr(self, f.name) for f in fields(self)
-                  if f.name not in OUTSIDE_IDENTITY and f.name != "options"}
+                  if f.name not in OUTSIDE_IDENTITY and f.name != "options"
+                  and not (self.dims == 2 and f.name in VOLUME_FIELDS)}
         values.update(getattr(self, "options", {}))
         return json_values(values)
 

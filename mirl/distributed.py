@@ -181,9 +181,10 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def is_plain_batchnorm(module: nn.Module) -> bool:
-    """A BatchNorm MIRL may swap for another kind holding the same parameters: torch's BatchNorm1d/2d, or one
+    """A BatchNorm MIRL may swap for another kind holding the same parameters: torch's BatchNorm1d/2d/3d, or one
     of MIRL's own (marked `mirl_batchnorm`). timm's BatchNormAct2d folds an activation in, so it is not."""
-    return type(module) in (nn.BatchNorm1d, nn.BatchNorm2d) or getattr(type(module), "mirl_batchnorm", False)
+    return type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) or \
+        getattr(type(module), "mirl_batchnorm", False)
 
 
 def batchnorm_variants(model: nn.Module) -> list[str]:

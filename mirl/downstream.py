@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mirl import distributed
-from mirl.augment import RECIPES, BatchAugment
 from mirl.checkpoints import (
     CHECKPOINT_NAME,
     file_digest,
@@ -25,9 +24,10 @@ from mirl.checkpoints import (
     writing,
 )
 from mirl.config import DownstreamConfig
-from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord, image_kinds
+from mirl.datasets import DatasetDescription, ImageRecord, image_kinds
 from mirl.encoders import check_input_size, load_encoder, local_weights
 from mirl.errors import CheckpointError, InputError
+from mirl.flags import DEFAULT_ARCH
 from mirl.inference import predict
 from mirl.loaders import make_loader
 from mirl.metrics import bootstrap_interval, evaluate, primary_metric, reported_metrics
@@ -35,6 +35,7 @@ from mirl.models import ENCODERS, METHODS, MethodSpec, architecture, build_class
 from mirl.optim import build_scheduler
 from mirl.run_session import RunSession
 from mirl.runtime import prepare_network
+from mirl.spatial import InputSpace, input_space, settled_inputs
 from mirl.splits import load_splits, split_digest, split_files_digest
 from mirl.training import Trainer
 
@@ -123,7 +124,7 @@ def check_pretraining_data(config: DownstreamConfig, data: dict | None, test: li
                               f"{config.data_root}; {advice}")
 
 
-def starting_weights(method: MethodSpec, config: DownstreamConfig
+def starting_weights(method: MethodSpec, config: DownstreamConfig, inputs: InputSpace
                      ) -> tuple[str, dict[str, torch.Tensor] | None, Path | None, dict | None]:
     """The architecture and the encoder weights a run starts from, the file they came from (the pretrained
     checkpoint, local torchvision weights with `--resnet --init-weights`, or none: random) and the
@@ -132,10 +133,10 @@ def starting_weights(method: MethodSpec, config: DownstreamConfig
         raise InputError("--init-weights goes with --resnet; without it the encoder comes from --pretrained")
     if not config.resnet:
         arch, encoder, data = pretrained_encoder(method, config)
-        check_input_size(arch, config.image_size)
+        check_input_size(arch, inputs.size)
         return arch, encoder, config.pretrained, data
-    arch = config.arch or "resnet50"
-    check_input_size(arch, config.image_size)  # one MIRL can build at this size, or an input error now
+    arch = config.arch or DEFAULT_ARCH[config.dims]
+    check_input_size(arch, inputs.size)  # one MIRL can build at this size, or an input error now
     if config.init_weights is None:
         return arch, None, None, None
     return arch, local_weights(config.init_weights, arch), config.init_weights, None
@@ -244,17 +245,20 @@ def selection_score(metrics: dict, selection: str) -> float:
 def downstream(description: DatasetDescription, config: DownstreamConfig) -> None:
     """Train and evaluate a classifier on `--fraction` % of the labels; writes metrics.json and checkpoint.pth."""
     method = METHODS[config.method]
+    description = description.in_dims(config.dims)
     session = RunSession(config, publish=False)
     device, precision = session.device, session.precision
-    arch, encoder, source, pretraining_data = starting_weights(method, config)
-    run = replace(config, arch=arch)
+    run = settled_inputs(config, description)
+    inputs = input_space(run, description)
+    arch, encoder, source, pretraining_data = starting_weights(method, run, inputs)
+    run = replace(run, arch=arch)
     mode = run.mode
     session.settle_identity(downstream_identity(description, run))
     train, val, test = labelled_splits(description, run)
     session.add_to_identity({"splits": split_files_digest(run.split_dir)})  # the splits' contents, once they exist
     identity = session.identity
     check_pretraining_data(run, pretraining_data, test)
-    cache = session.cache_then_seed(description, run)
+    cache = session.cache_then_seed(description, run, inputs)
     classes = description.classes
     family = architecture(run.arch)
     model = build_classifier(run.arch, len(classes))
@@ -271,13 +275,13 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
             p.requires_grad = False
         family.replace_output_layer(model, ProbeGrid(family.output_layer(model).in_features,
                                                            len(classes), len(probe_lrs)))
-    model = prepare_network(model, device, run.channels_last, run.compile)
+    model = prepare_network(model, device, run.channels_last, run.compile, inputs.spatial_dims)
     # `network` trains (wrapped for DDP under torchrun); `model` is the plain torchvision model it wraps
     network = session.parallel(model)
     optimizer = classifier_optimizer(model, run, probe_lrs, pretrained=encoder is not None)
 
-    def dataset(split: list[ImageRecord]) -> ImageDataset:
-        return ImageDataset(split, run.image_size, len(classes), cache)
+    def dataset(split: list[ImageRecord]) -> torch.utils.data.Dataset:
+        return inputs.dataset(split, len(classes), cache)
 
     batch_size = min(run.batch_size, len(train))
     epochs, passes = epochs_and_passes(run, len(train), batch_size)
@@ -290,14 +294,16 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
     warmup_steps = 0 if run.frozen else round(FINETUNE_WARMUP * total_steps)
     schedule = "step" if run.frozen else "cosine"
     scheduler = build_scheduler(optimizer, schedule, total_steps, warmup_steps)
-    augment = BatchAugment(RECIPES["linear" if run.frozen else "finetune"], run.image_size)
+    augment = inputs.downstream_view(run.frozen)
     evaluate_every = max(1, run.epochs // EVALUATIONS)
     record = session.write_config(config, run, description, {
         "method": identity["method"], "mode": mode, "steps": total_steps, "passes_per_epoch": passes,
         "warmup_steps": warmup_steps, "optimizer": type(optimizer).__name__,
         # the linear probe: one rate per head of the grid; fine-tuning: the head's, then the encoder's
         "learning_rates": [group["initial_lr"] for group in optimizer.param_groups],
-        "train_images": len(train), "val_images": len(val), "test_images": len(test), "schedule": schedule})
+        "train_images": len(train), "val_images": len(val), "test_images": len(test), "schedule": schedule,
+        **inputs.describe()})
+    session.list_left_out([*train, *val, *test])
     log = session.log
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -306,7 +312,8 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
     selection = primary_metric(description.multilabel)
 
     def predictions(loader: torch.utils.data.DataLoader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        truth, probability, kept = predict(model, loader, device, precision, description.multilabel)
+        truth, probability, kept = predict(model, loader, device, precision, description.multilabel,
+                                           inputs.evaluation_view)
         if len(kept) < len(loader.dataset):
             trainer.note_unreadable(loader.dataset, sorted(set(range(len(loader.dataset))) - set(kept.tolist())))
         return truth, probability, kept
@@ -376,7 +383,8 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
         if results["test"].get(name) is not None:
             log.scalar(f"test/{name}", results["test"][name], best.get("step", log.step))
     save_checkpoint({"method": record["method"], "mode": mode, "arch": run.arch, "dataset": description.name,
-                     "image_size": run.image_size, "run": identity, "image_kinds": image_kinds([*train, *val, *test]),
+                     "image_size": run.image_size, **inputs.describe(), "run": identity,
+                     "image_kinds": image_kinds([*train, *val, *test]),
                      "classes": list(classes), "model": model.state_dict(), "best_epoch": best["epoch"]},
                     run.output_dir / CHECKPOINT_NAME)
     # published: metrics.json and checkpoint.pth are what a finished run needs

@@ -21,6 +21,7 @@ from mirl.export import checkpoint_image_size, encoder_from_checkpoint
 from mirl.flags import OneLineParser, image_size, non_negative_int, positive_int
 from mirl.monitor import extract_features, sample_records
 from mirl.runtime import resolve_device, resolve_precision
+from mirl.spatial import InputSpace
 from mirl.splits import load_splits
 
 
@@ -42,7 +43,7 @@ def embed(args: argparse.Namespace) -> None:
     test_ids = set(load_splits(description, records, args.split_dir)["test"])
     test = sample_records([r for r in records if r.image_id in test_ids], args.max_images, seed=0)
     device = resolve_device(args.device)
-    features, labels = extract_features(encoder.to(device), test, len(description.classes), size,
+    features, labels = extract_features(encoder.to(device), test, len(description.classes), InputSpace(size),
                                          device, resolve_precision("auto", device), 64, args.workers)
     points = TSNE(n_components=2, perplexity=min(30.0, (len(features) - 1) / 3), init="pca",
                   random_state=0).fit_transform(features)

@@ -27,7 +27,7 @@ import torchvision
 
 from mirl.checkpoints import load_checkpoint
 from mirl.errors import CheckpointError, InputError
-from mirl.flags import TIMM_PREFIX, TORCHVISION_ENCODERS
+from mirl.flags import TIMM_PREFIX, TORCHVISION_ENCODERS, VOLUME_ENCODERS
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Architecture:
     build: Callable[[int], nn.Module]
     classifier: str
     transformer: bool = False
+    spatial_dims: int = 2  # 3: a volume encoder, B x 1 x D x H x W in
 
     @property
     def classifier_prefix(self) -> str:
@@ -77,6 +78,17 @@ ENCODERS: dict[str, Architecture] = {
     for name in TORCHVISION_ENCODERS}
 
 
+def monai_resnet(depth: int) -> Architecture:
+    """MONAI's 3-D ResNet of `depth` for one-channel volumes, shaped as torchvision's 2-D ResNet is: a stride-2
+    7^3 stem then a max pool (MONAI's default stem keeps stride 1, which costs 5x the compute at 32^3),
+    projection shortcuts without bias, BatchNorm3d; its classifier is `fc`, as torchvision's ResNets'."""
+    from monai.networks.nets import resnet  # heavy to import: only when a 3-D encoder is asked for
+    builder = getattr(resnet, f"resnet{depth}")
+    return Architecture(lambda num_classes: builder(spatial_dims=3, n_input_channels=1, conv1_t_stride=2,
+                                                    bias_downsample=False, num_classes=num_classes),
+                        "fc", spatial_dims=3)
+
+
 @cache
 def timm_architecture(arch: str) -> Architecture:
     """A timm model by name (`timm:convnext_atto`), checked to be one MIRL can train: built once without
@@ -104,9 +116,12 @@ def architecture(arch: str) -> Architecture:
     """The registered torchvision architecture, or a timm one (`timm:NAME`); an unknown name is an input error."""
     if arch in ENCODERS:
         return ENCODERS[arch]
+    if arch in VOLUME_ENCODERS:
+        return monai_resnet(int(arch.removeprefix("resnet").removesuffix("_3d")))
     if arch.startswith(TIMM_PREFIX):
         return timm_architecture(arch)
-    raise InputError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ENCODERS))}, or timm:NAME")
+    raise InputError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ENCODERS))}, "
+                     f"{', '.join(VOLUME_ENCODERS)} (--dims 3), or timm:NAME")
 
 
 def known_architecture(arch: object) -> bool:
@@ -137,19 +152,33 @@ def build_encoder(arch: str) -> tuple[nn.Module, int]:
     return model, feature_dim
 
 
+def input_shape(size: int | tuple[int, ...]) -> tuple[int, ...]:
+    """One input of `size`: C x S x S for a 2-D side, 1 x D x H x W for a volume's (D, H, W)."""
+    return (3, size, size) if isinstance(size, int) else (1, *size)
+
+
 @cache
-def check_input_size(arch: str, image_size: int) -> None:
-    """Refuse, before any data is listed, an architecture that cannot take `image_size` px images: one
-    forward pass of a tiny batch decides, whatever the model contains (a window or grid attention that
-    needs a multiple of its window, a stage that runs out of pixels), not its name."""
+def check_input_size(arch: str, size: int | tuple[int, ...]) -> None:
+    """Refuse, before any data is listed, an architecture that cannot take inputs of `size` (a 2-D side in
+    pixels, or a volume's D, H, W): its dimensions must be the input's, and one forward pass of a tiny batch
+    decides the rest, whatever the model contains (a window or grid attention that needs a multiple of its
+    window, a stage that runs out of pixels), not its name."""
+    family = architecture(arch)
+    dims = 2 if isinstance(size, int) else len(size)
+    if family.spatial_dims != dims:
+        hint = f"with --dims 3 choose {', '.join(VOLUME_ENCODERS)}" if dims == 3 else "it needs --dims 3"
+        raise InputError(f"--arch {arch} is a {family.spatial_dims}-D encoder and the run's inputs are {dims}-D; "
+                         f"{hint}")
     encoder, _ = build_encoder(arch)
+    shown = f"{size} px images" if dims == 2 else f"{'x'.join(map(str, size))} voxel volumes"
     try:
         with torch.no_grad():
-            encoder.eval()(torch.zeros(2, 3, image_size, image_size))
+            encoder.eval()(torch.zeros(2, *input_shape(size)))
     except Exception as error:  # a model's own check is an assert, a shape error, a ValueError...
         reason = (str(error).strip().splitlines() or [""])[0][:160]
-        raise InputError(f"--arch {arch} cannot take {image_size} px images ({type(error).__name__}"
-                         f"{': ' + reason if reason else ''}); choose another --image-size or --arch") from None
+        flag = "--image-size" if dims == 2 else "--volume-size"
+        raise InputError(f"--arch {arch} cannot take {shown} ({type(error).__name__}"
+                         f"{': ' + reason if reason else ''}); choose another {flag} or --arch") from None
 
 
 def local_weights(path: Path, arch: str) -> dict[str, torch.Tensor]:

@@ -37,15 +37,17 @@ class OneLineParser(argparse.ArgumentParser):
 
 TORCHVISION_ENCODERS = ("resnet18", "resnet50", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2",
                         "efficientnet_b3")  # `mirl.encoders.ENCODERS`, named here so that flags need no torch
+VOLUME_ENCODERS = ("resnet18_3d", "resnet34_3d", "resnet50_3d")  # MONAI's 3-D ResNets (`mirl.encoders`), --dims 3
 TIMM_PREFIX = "timm:"
+DEFAULT_ARCH = {2: "resnet50", 3: "resnet50_3d"}  # a fresh network's encoder by --dims, when --arch is not given
 
 
 def architecture_name(text: str) -> str:
     """The `--arch` flag type: a registered torchvision architecture or `timm:NAME` (checked in full, and
     refused in one line if MIRL cannot train it, when the run builds it)."""
-    if text not in TORCHVISION_ENCODERS and not (text.startswith(TIMM_PREFIX) and len(text) > len(TIMM_PREFIX)):
-        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(sorted(TORCHVISION_ENCODERS))}, "
-                                         "nor timm:NAME")
+    known = TORCHVISION_ENCODERS + VOLUME_ENCODERS
+    if text not in known and not (text.startswith(TIMM_PREFIX) and len(text) > len(TIMM_PREFIX)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(sorted(known))}, nor timm:NAME")
     return text
 
 
@@ -90,6 +92,17 @@ def image_size(text: str) -> int:
     value = int(text)
     if value < MIN_IMAGE_SIZE:
         raise argparse.ArgumentTypeError(f"must be at least {MIN_IMAGE_SIZE} pixels, got {text}")
+    return value
+
+
+MIN_VOLUME_SIDE = 8  # voxels on each axis of a 3-D input (the smallest a 3-D ResNet's stages keep a voxel of)
+
+
+def volume_side(text: str) -> int:
+    """One axis of `--volume-size D H W`."""
+    value = int(text)
+    if value < MIN_VOLUME_SIDE:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_VOLUME_SIDE} voxels, got {text}")
     return value
 
 

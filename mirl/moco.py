@@ -31,18 +31,24 @@ from mirl.teacher import MomentumTeacher
 MIN_VALUES_PER_GROUP = 16
 
 
+def _channels_to_end(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, *spatial) -> (N, *spatial, C), for images (4-D) and volumes (5-D) alike."""
+    return x.permute(0, *range(2, x.dim()), 1)
+
+
 def _side_by_side(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(N, C, H, W) -> (N / groups * H * W, groups * C): the channels of the batch's `groups` equal
+    """(N, C, *spatial) -> (N / groups * spatial, groups * C): the channels of the batch's `groups` equal
     chunks side by side, so each (chunk, channel) pair is one column of a batch-norm kernel."""
-    return x.permute(0, 2, 3, 1).reshape(groups, -1, x.shape[1]).transpose(0, 1).reshape(-1, groups * x.shape[1])
+    return _channels_to_end(x).reshape(groups, -1, x.shape[1]).transpose(0, 1).reshape(-1, groups * x.shape[1])
 
 
 def _back_to_images(columns: torch.Tensor, like: torch.Tensor, groups: int) -> torch.Tensor:
-    """Inverse of `_side_by_side`, in channels_last layout (a tensor of its own, not a view, so that
-    in-place layers may follow)."""
-    images = torch.empty(like.shape, dtype=columns.dtype, device=columns.device, memory_format=torch.channels_last)
-    images.permute(0, 2, 3, 1).view(groups, -1, like.shape[1]).copy_(columns.view(-1, groups, like.shape[1])
-                                                                     .transpose(0, 1))
+    """Inverse of `_side_by_side`, in channels_last layout (channels_last_3d for volumes; a tensor of its own,
+    not a view, so that in-place layers may follow)."""
+    layout = torch.channels_last if like.dim() == 4 else torch.channels_last_3d
+    images = torch.empty(like.shape, dtype=columns.dtype, device=columns.device, memory_format=layout)
+    _channels_to_end(images).view(groups, -1, like.shape[1]).copy_(columns.view(-1, groups, like.shape[1])
+                                                                   .transpose(0, 1))
     return images
 
 
@@ -80,20 +86,26 @@ class _GroupBatchNorm(torch.autograd.Function):
                 grad_bias.view(groups, -1).sum(0), None, None, None, None, None)
 
 
-class SplitBatchNorm2d(nn.BatchNorm2d):
+class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are computed separately on `splits` chunks of the batch.
 
     The single-device stand-in for MoCo's shuffle-BN: with the key batch shuffled, query and key
     of a pair land in different BN groups, as they would on different GPUs. The running statistics
-    follow the mean of the groups' statistics, as each GPU's would follow its own share.
+    follow the mean of the groups' statistics, as each GPU's would follow its own share. One class for
+    images and volumes (`SplitBatchNorm2d`, `SplitBatchNorm3d` only check the input's rank).
     """
 
     mirl_batchnorm = True  # one of MIRL's own: not a variant that `batchnorm_variants` warns of
+    spatial_dims = 2
 
     def __init__(self, num_features: int, splits: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.splits = splits
         self.groups_used: int | None = None  # at the last training forward
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(f"expected {self.spatial_dims + 2}-D input, got {x.dim()}-D")
 
     def groups_for(self, batch: int, values_per_image: int) -> int:
         """How many equal groups a batch of `batch` images is normalised in: at most `splits`, each of at
@@ -108,14 +120,27 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             self.groups_used = groups
         if groups == 1:
             return super().forward(x)
+        self._check_input_dim(x)
         self.num_batches_tracked.add_(1)
         return _GroupBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, groups,
                                      self.momentum, self.eps)
 
 
+class SplitBatchNorm2d(SplitBatchNorm):
+    spatial_dims = 2
+
+
+class SplitBatchNorm3d(SplitBatchNorm):
+    spatial_dims = 3
+
+
+SPLIT_KINDS: dict[type[nn.Module], type[SplitBatchNorm]] = {nn.BatchNorm2d: SplitBatchNorm2d,
+                                                            nn.BatchNorm3d: SplitBatchNorm3d}
+
 
 def split_batchnorm(encoder: nn.Module, splits: int, arch: str) -> nn.Module:
-    """`encoder` with every BatchNorm2d replaced by a SplitBatchNorm2d of `splits` groups with the same settings.
+    """`encoder` with every BatchNorm2d (BatchNorm3d) replaced by a SplitBatchNorm2d (3d) of `splits` groups with the
+    same settings.
     An encoder without BatchNorm (ConvNeXt's LayerNorm) is returned as it is: it mixes nothing across the
     batch, so a key cannot cheat through it; one with BatchNorm variants MIRL cannot split is refused."""
     variants = batchnorm_variants(encoder)
@@ -125,8 +150,8 @@ def split_batchnorm(encoder: nn.Module, splits: int, arch: str) -> nn.Module:
                          "or train under torchrun (shuffle-BN across processes)")
     for parent in list(encoder.modules()):
         for name, child in parent.named_children():
-            if type(child) is nn.BatchNorm2d:
-                split = SplitBatchNorm2d(child.num_features, splits, eps=child.eps, momentum=child.momentum)
+            if type(child) in SPLIT_KINDS:
+                split = SPLIT_KINDS[type(child)](child.num_features, splits, eps=child.eps, momentum=child.momentum)
                 split.load_state_dict(child.state_dict())
                 setattr(parent, name, split)
     return encoder
@@ -311,7 +336,7 @@ class MoCo(PretrainingMethod):
         """After a training forward: a note when split-batch BatchNorm normalised some layers in fewer groups
         than `--bn-splits` (a small batch, or late feature maps too small for groups of 16 values per
         channel), else None. The stand-in for shuffle-BN is then weaker in those layers."""
-        layers = [m for m in self.encoder_q.modules() if isinstance(m, SplitBatchNorm2d) and m.groups_used]
+        layers = [m for m in self.encoder_q.modules() if isinstance(m, SplitBatchNorm) and m.groups_used]
         fewer = [m.groups_used for m in layers if m.groups_used < m.splits]
         if not fewer:
             return None

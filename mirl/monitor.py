@@ -13,19 +13,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mirl.cache import DecodedImageCache
-from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
+from mirl.datasets import DatasetDescription, ImageRecord
 from mirl.inference import evaluation_outputs
 from mirl.loaders import make_loader
 from mirl.metrics import evaluate, primary_metric
+from mirl.spatial import InputSpace
 
 
-def extract_features(encoder: nn.Module, records: list[ImageRecord], num_classes: int, image_size: int,
+def extract_features(encoder: nn.Module, records: list[ImageRecord], num_classes: int, inputs: InputSpace,
                      device: torch.device, precision: torch.dtype | None, batch_size: int,
                      workers: int, cache: DecodedImageCache | None = None) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised features and label vectors of every readable record (unreadable ones left out)."""
-    loader = make_loader(ImageDataset(records, image_size, num_classes, cache), batch_size, workers, shuffle=False,
+    loader = make_loader(inputs.dataset(records, num_classes, cache), batch_size, workers, shuffle=False,
                          drop_last=False, seed=0)
-    features, labels, _ = evaluation_outputs(encoder, loader, device, precision)
+    features, labels, _ = evaluation_outputs(encoder, loader, device, precision, inputs.evaluation_view)
     return F.normalize(torch.from_numpy(features), dim=1).numpy(), labels
 
 
@@ -44,11 +45,11 @@ class KnnMonitor:
     """kNN quality of an encoder's features: labelled training images as the bank, val as queries."""
 
     def __init__(self, description: DatasetDescription, bank: list[ImageRecord], queries: list[ImageRecord],
-                 image_size: int, device: torch.device, precision: torch.dtype | None, batch_size: int,
+                 inputs: InputSpace, device: torch.device, precision: torch.dtype | None, batch_size: int,
                  workers: int, cache: DecodedImageCache | None = None) -> None:
         self.description = description
         self.bank, self.queries = bank, queries
-        self.settings = dict(num_classes=len(description.classes), image_size=image_size, device=device,
+        self.settings = dict(num_classes=len(description.classes), inputs=inputs, device=device,
                              precision=precision, batch_size=batch_size, workers=workers, cache=cache)
         self.metric = primary_metric(description.multilabel)
 

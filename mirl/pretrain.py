@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from mirl import distributed
-from mirl.augment import BatchAugment, view_recipe
 from mirl.checkpoints import CHECKPOINT_NAME, file_digest
 from mirl.config import PretrainConfig
-from mirl.datasets import DatasetDescription, DecodedImages, ImageDataset, ImageRecord, image_kinds
+from mirl.datasets import DatasetDescription, DecodedImages, ImageRecord, image_kinds
 from mirl.encoders import architecture, check_input_size, local_weights, start_encoders_from
 from mirl.errors import InputError
+from mirl.flags import DEFAULT_ARCH
 from mirl.loaders import make_loader
 from mirl.method_spec import MethodSpec, TrainingPlan, TrainingRecipe
 from mirl.methods import METHODS
@@ -26,6 +26,7 @@ from mirl.positives import PairedImages, partner_candidates
 from mirl.pretraining_method import PretrainingMethod
 from mirl.run_session import RunSession
 from mirl.runtime import prepare_network
+from mirl.spatial import InputSpace, input_space, settled_inputs
 from mirl.splits import load_splits, split_digest, split_files_digest
 from mirl.training import Trainer
 
@@ -136,11 +137,13 @@ def settled_config(method: MethodSpec, config: PretrainConfig, resumed: dict | N
     if config.supervised and not method.label_aware:
         raise InputError(f"{method.title} has no label-aware form; --supervised exists for "
                          f"{', '.join(spec.title for spec in METHODS.values() if spec.label_aware)}")
-    arch = config.arch or (resumed.get("arch") if resumed is not None else None) or "resnet50"
+    arch = config.arch or (resumed.get("arch") if resumed is not None else None) or DEFAULT_ARCH[config.dims]
     recipe = training_recipe(method, arch)
     options = method.options(config.options)
+    config = settled_inputs(config, description)
+    inputs = input_space(config, description)
     for view in method.views(options, config.image_size, architecture(arch).transformer):
-        check_input_size(arch, view.size)
+        check_input_size(arch, inputs.view_size(view))
     return replace(config, arch=arch, epochs=config.epochs or recipe.epochs,
                    optimizer=config.optimizer or recipe.optimizer, lr=learning_rate(recipe, config),
                    augment=config.augment or description.augment, options=asdict(options))
@@ -153,11 +156,12 @@ def pretraining_identity(description: DatasetDescription, run: PretrainConfig) -
             "init_weights": file_digest(run.init_weights) if run.init_weights is not None else None}
 
 
-def pair_loader(description: DatasetDescription, run: PretrainConfig, records: list[ImageRecord], label_dim: int,
-                cache: DecodedImages | None) -> tuple[torch.utils.data.DataLoader, list[list[int]] | None]:
+def pair_loader(description: DatasetDescription, run: PretrainConfig, inputs: InputSpace, records: list[ImageRecord],
+                label_dim: int, cache: DecodedImages | None
+                ) -> tuple[torch.utils.data.DataLoader, list[list[int]] | None]:
     """The loader of pretraining batches and, with `--positives study|patient`, each image's candidate
     partners (a pair's two views then come from two images of one study or patient)."""
-    dataset = ImageDataset(records, run.image_size, label_dim, cache)
+    dataset = inputs.dataset(records, label_dim, cache)
     partners = None
     if run.positives != "views":
         partners = partner_candidates(description, records, run.positives)
@@ -171,6 +175,7 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     """Pretrain an encoder. `checkpoint.pth` is always the newest training state; its `encoder` loads
     into the plain torchvision model. `--resume` continues a run exactly where a state left it."""
     method = METHODS[config.method]
+    description = description.in_dims(config.dims)
     session = RunSession(config, publish=True)
     device, precision, resumed = session.device, session.precision, session.resumed
     run = settled_config(method, config, resumed, description)
@@ -178,6 +183,7 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     # read before listing the data, so a bad file stops the run at once; a resumed run has its own weights
     initial = local_weights(run.init_weights, run.arch) if run.init_weights is not None and resumed is None else None
     records, monitor_sets, held_out = pretraining_records(description, run)
+    inputs = input_space(run, description)
     kinds = image_kinds(records)  # the readers its images went through, for an export's preprocessing record
     # what follows from the number of images (MoCo's K), and the contents of the splits the data was held out by
     options = method.prepare(method.options(run.options), len(records))
@@ -185,16 +191,16 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     run = replace(run, options=asdict(options))
     session.add_to_identity({**prepared, "splits": split_files_digest(run.split_dir) if held_out is not None else None})
     identity = session.identity
-    cache = session.cache_then_seed(description, run)
+    cache = session.cache_then_seed(description, run, inputs)
     # a label-aware run: the label vectors gain a "no finding" class, and the method receives them
     label_dim = len(description.classes) + 1 if run.supervised else 0
-    loader, partners = pair_loader(description, run, records, label_dim or len(description.classes), cache)
+    loader, partners = pair_loader(description, run, inputs, records, label_dim or len(description.classes), cache)
     total_steps = run.epochs * len(loader)
     recipe = training_recipe(method, run.arch)
     transformer = architecture(run.arch).transformer
     views = method.views(options, run.image_size, transformer)
     model = prepare_network(method.build(run.arch, options, TrainingPlan(total_steps, len(loader), label_dim)),
-                            device, run.channels_last, run.compile)
+                            device, run.channels_last, run.compile, inputs.spatial_dims)
     if initial is not None:
         start_encoders_from(model, initial, run.init_weights, run.arch)
     core = model
@@ -205,7 +211,7 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     optimizer = build_optimizer(core, run.optimizer, run.lr, recipe.weight_decay)
     warmup = min(recipe.warmup_epochs * len(loader), total_steps // 10)
     scheduler = build_scheduler(optimizer, recipe.schedule, total_steps, warmup, recipe.weight_decay_end)
-    augments = [BatchAugment(view_recipe(view, run.augment), view.size) for view in views]
+    augments = [inputs.training_view(view, run.augment) for view in views]
 
     record = session.write_config(config, run, description, {
         "method": method.name, "images": len(records),
@@ -214,7 +220,9 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
         "lr_per_256": recipe.lr_per_256, "weight_decay": recipe.weight_decay,
         "weight_decay_end": recipe.weight_decay_end, "schedule": recipe.schedule, "recipe": recipe.source,
         "views": [asdict(view) for view in views], "steps": total_steps, "warmup_steps": warmup,
-        "labelled_images": sum(bool(r.labels.any()) for r in records) if run.supervised else 0})
+        "labelled_images": sum(bool(r.labels.any()) for r in records) if run.supervised else 0,
+        **inputs.describe()})
+    session.list_left_out(records)
     log = session.log
 
     def step_loss(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -226,13 +234,13 @@ def pretrain(description: DatasetDescription, config: PretrainConfig) -> None:
     monitor = None
     if monitor_sets and run.knn_images > 0 and distributed.is_main_process():
         monitor = KnnMonitor(description, sample_records(monitor_sets["train100F"], run.knn_images, run.seed),
-                             sample_records(monitor_sets["val"], run.knn_images // 2, run.seed), run.image_size,
+                             sample_records(monitor_sets["val"], run.knn_images // 2, run.seed), inputs,
                              device, precision, run.batch_size, run.workers, cache)
     latest = {"monitor": resumed.get("monitor", {}) if resumed is not None else {}}
 
     def snapshot() -> dict:
         return {"method": method.name, "arch": run.arch, "dataset": description.name, "run": identity,
-                "image_size": run.image_size,
+                "image_size": run.image_size, **inputs.describe(),
                 "supervised_fraction": run.fraction if run.supervised else None,
                 # what the encoder was pretrained on, so downstream runs on other data or splits are refused
                 "data": {"root": str(run.data_root), "labels": str(run.labels) if run.labels else None,

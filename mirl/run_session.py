@@ -9,6 +9,8 @@ what differs between them in between.
 """
 from __future__ import annotations
 
+import csv
+import sys
 from typing import Callable, Mapping
 
 import torch
@@ -16,12 +18,16 @@ import torch.nn as nn
 
 from mirl import distributed
 from mirl.cache import open_cache
-from mirl.checkpoints import check_same_run, reading_state
+from mirl.checkpoints import check_same_run, reading_state, writing
 from mirl.config import RunConfig, identity_digest
-from mirl.datasets import DatasetDescription, DecodedImages
+from mirl.datasets import DatasetDescription, DecodedImages, ImageRecord
+from mirl.datasets.volumes import left_out_slices
 from mirl.run_files import RunLog, open_run, provenance
 from mirl.runtime import OtherProcessesLoad, precision_name, resolve_device, resolve_precision, seed_everything
+from mirl.spatial import InputSpace
 from mirl.training import Trainer
+
+LEFT_OUT_FILE = "left_out.csv"  # slices a volume run's series could not use, and why
 
 
 class RunSession:
@@ -52,10 +58,11 @@ class RunSession:
         if self.resumed is not None:
             check_same_run(self.resumed, settled, self.resume_from)
 
-    def cache_then_seed(self, description: DatasetDescription, run: RunConfig) -> DecodedImages | None:
+    def cache_then_seed(self, description: DatasetDescription, run: RunConfig,
+                        inputs: InputSpace) -> DecodedImages | None:
         """The decoded-image cache (`--cache`), then the seed: building a cache must not move the random streams
         that the seed sets for training."""
-        cache = open_cache(description, run.data_root, run.image_size, run.cache, run.workers) if run.cache else None
+        cache = open_cache(description, run.data_root, inputs, run.cache, run.workers) if run.cache else None
         seed_everything(run.seed, run.deterministic)
         return cache
 
@@ -86,6 +93,18 @@ class RunSession:
                   "run_id": identity_digest(self.identity)}
         self.log.json("config.json", record)
         return record
+
+    def list_left_out(self, records: list[ImageRecord]) -> None:
+        """List in `left_out.csv`, and say in one line, the slices the run's volumes left out of their series (a
+        size or orientation of their own, a repeated position): never silently dropped."""
+        rows = left_out_slices(records)
+        if not rows or not distributed.is_main_process():
+            return
+        path = self.store.output_dir / LEFT_OUT_FILE
+        with writing(path) as tmp, open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([("volume", "file", "reason"), *rows])
+        print(f"warning: {len(rows)} slices were left out of their series ({rows[0][2]}, ...); listed in {path}",
+              file=sys.stderr)
 
     def train(self, trainer: Trainer, epochs: int, end_of_epoch: Callable[[int], dict[str, float]],
               train_mode: Callable[[], None]) -> None:

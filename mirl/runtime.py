@@ -72,11 +72,14 @@ def precision_name(precision: torch.dtype | None) -> str:
     return PRECISION_NAMES[precision]
 
 
-def prepare_network(model: nn.Module, device: torch.device, channels_last: bool, compile_encoders: bool) -> nn.Module:
-    """Move a network to its device, in channels_last layout when asked (convolutions then skip layout
-    conversions; a convolution runs channels_last when its weight is, whatever its input), and compile
-    each encoder network inside it in place with torch.compile, so parameter names and checkpoints are unchanged."""
-    model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
+def prepare_network(model: nn.Module, device: torch.device, channels_last: bool, compile_encoders: bool,
+                    spatial_dims: int = 2) -> nn.Module:
+    """Move a network to its device, in channels_last layout when asked (channels_last_3d for a volume encoder:
+    convolutions then skip layout conversions; a convolution runs channels_last when its weight is, whatever its
+    input), and compile each encoder network inside it in place with torch.compile, so parameter names and
+    checkpoints are unchanged."""
+    layout = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    model = model.to(device, memory_format=layout) if channels_last else model.to(device)
     if compile_encoders:
         for module in model.modules():
             if getattr(module, "is_mirl_encoder", False):

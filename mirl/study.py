@@ -28,6 +28,7 @@ from mirl.checkpoints import CheckpointStore, newest_intact_state
 from mirl.cli import bound_dataset
 from mirl.config import (
     AUGMENT_STYLES,
+    SPATIAL_DIMS,
     DownstreamConfig,
     PretrainConfig,
     RunConfig,
@@ -39,17 +40,21 @@ from mirl.downstream import PREDICTIONS_FILE, downstream, downstream_identity
 from mirl.edge import StudyStopped, guarded
 from mirl.errors import InputError
 from mirl.flags import (
+    DEFAULT_ARCH,
     OneLineParser,
     architecture_name,
     batch_size,
     image_size,
     non_negative_int,
+    positive_float,
     positive_int,
     random_seed,
+    volume_side,
 )
 from mirl.metrics import evaluate, paired_difference, primary_metric, reported_metrics
 from mirl.models import METHODS
 from mirl.pretrain import pretrain, pretraining_identity, settled_config
+from mirl.spatial import settled_inputs
 from mirl.splits import FRACTIONS, split_files_digest
 
 SUPERVISED = "supervised"
@@ -404,9 +409,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-seeds", action="store_true",
                         help="pretrain once per seed too, so the intervals over seeds include pretraining's "
                              "variance (default: one pretraining per method, seeded by the first seed)")
-    parser.add_argument("--arch", type=architecture_name, default="resnet50",
-                        help="resnet18, resnet50, efficientnet_b0..b3, or a timm model as timm:NAME")
+    parser.add_argument("--arch", type=architecture_name, default=None,
+                        help="resnet18, resnet50, efficientnet_b0..b3, or a timm model as timm:NAME; with --dims 3 "
+                             "resnet18_3d, resnet34_3d, resnet50_3d (default resnet50, resnet50_3d)")
     parser.add_argument("--image-size", type=image_size, default=224)
+    parser.add_argument("--dims", type=int, choices=SPATIAL_DIMS, default=2,
+                        help="2: images; 3: volumes, as the scripts' --dims (README, Volumes)")
+    parser.add_argument("--volume-size", type=volume_side, nargs=3, default=None, metavar=("D", "H", "W"),
+                        help="--dims 3: the input in voxels (default: the dataset's)")
+    parser.add_argument("--voxel-size", type=positive_float, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                        help="--dims 3: voxel size in mm (default: the dataset's)")
     parser.add_argument("--epochs", type=positive_int, default=None, help="pretraining epochs (method default)")
     parser.add_argument("--downstream-epochs", type=positive_int, default=None, help="default: the scripts'")
     parser.add_argument("--batch-size", type=batch_size, default=256, help="pretraining batch")
@@ -435,9 +447,14 @@ def run_study(args: argparse.Namespace) -> None:
     # the labels are read once here, so a bad CSV stops the study with one line before any training
     shared = dict(data_root=args.data_root, split_dir=args.split_dir or args.output_dir / "splits",
                   image_size=args.image_size, device=args.device, cache=args.cache, labels=args.labels,
-                  group_column=args.group_column, resume="auto", keep_states=args.keep_states,
+                  group_column=args.group_column, resume="auto", keep_states=args.keep_states, dims=args.dims,
+                  volume_size=args.volume_size, voxel_size=args.voxel_size,
                   **({"workers": args.workers} if args.workers is not None else {}))
     description = bound_dataset(args.dataset, RunConfig(output_dir=args.output_dir, **shared))
+    # a volume study's grid settled once, so every run (and a run reused) records the same one
+    settled = settled_inputs(RunConfig(output_dir=args.output_dir, **shared), description)
+    shared.update(volume_size=settled.volume_size, voxel_size=settled.voxel_size)
+    args.arch = args.arch or DEFAULT_ARCH[args.dims]
     out = args.output_dir
 
     def run_or_stop(train: Callable[[], None]) -> None:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mirl.datasets.csv_files import first_undecodable_line
-from mirl.datasets.records import DatasetDescription, ImageRecord, find_images
+from mirl.datasets.records import DatasetDescription, ImageRecord, VolumeFormat, find_images
+from mirl.datasets.volumes import VolumeRecord, find_volumes
 from mirl.errors import DataError, UnreadableImageError
 from mirl.imaging import nifti_slice_count
 
@@ -64,20 +64,11 @@ def _volume_slices(path: Path) -> tuple[int, int]:
 
 def find_acdc_labelled(root: Path) -> list[ImageRecord]:
     """Every short-axis slice of each patient's ED and ES volumes, labelled with the patient's group."""
-    patients = acdc_patients(root)
-    if not patients:
-        raise DataError(f"no patientXXX folders under {root} (or {root / 'training'})")
     records = []
-    for folder in patients:
-        info = read_info_cfg(folder / "Info.cfg")
-        labels = np.eye(len(ACDC_CLASSES), dtype=np.float32)[ACDC_CLASSES.index(info["Group"])]
-        for phase in ("ED", "ES"):
-            path = folder / f"{folder.name}_frame{int(info[phase]):02d}.nii.gz"
-            if not path.is_file():
-                raise DataError(f"{folder / 'Info.cfg'}: {phase} is frame {info[phase]} but {path.name} is missing")
-            slices, _ = _volume_slices(path)
-            records += [ImageRecord(f"{folder.name}_{phase}_s{z:02d}", path, labels, folder.name, (z,))
-                        for z in range(slices)]
+    for folder, phase, path, labels in acdc_phase_files(root):
+        slices, _ = _volume_slices(path)
+        records += [ImageRecord(f"{folder.name}_{phase}_s{z:02d}", path, labels, folder.name, (z,))
+                    for z in range(slices)]
     return records
 
 
@@ -95,15 +86,50 @@ def find_acdc_cine(root: Path, labelled: list[ImageRecord]) -> list[ImageRecord]
     return records
 
 
-@dataclass(frozen=True)
-class AcdcDescription(DatasetDescription):
-    """ACDC pretrains on the whole cine, not only the labelled ED/ES volumes."""
-
-    def pretraining_images(self, root: Path, labelled: list[ImageRecord] | None) -> list[ImageRecord]:
-        return find_images(root) if labelled is None else find_acdc_cine(root, labelled)
+def pretraining_cine(root: Path, labelled: list[ImageRecord] | None) -> list[ImageRecord]:
+    """ACDC pretrains on the whole cine, not only the labelled ED/ES volumes (a plain folder: every image)."""
+    return find_images(root) if labelled is None else find_acdc_cine(root, labelled)
 
 
-ACDC = AcdcDescription(
+def acdc_phase_files(root: Path) -> list[tuple[Path, str, str, np.ndarray]]:
+    """(patient folder, phase, ED or ES volume file, one-hot group) of every patient's two labelled phases."""
+    patients = acdc_patients(root)
+    if not patients:
+        raise DataError(f"no patientXXX folders under {root} (or {root / 'training'})")
+    phases = []
+    for folder in patients:
+        info = read_info_cfg(folder / "Info.cfg")
+        labels = np.eye(len(ACDC_CLASSES), dtype=np.float32)[ACDC_CLASSES.index(info["Group"])]
+        for phase in ("ED", "ES"):
+            path = folder / f"{folder.name}_frame{int(info[phase]):02d}.nii.gz"
+            if not path.is_file():
+                raise DataError(f"{folder / 'Info.cfg'}: {phase} is frame {info[phase]} but {path.name} is missing")
+            phases.append((folder, phase, path, labels))
+    return phases
+
+
+def find_acdc_volumes(root: Path) -> list[ImageRecord]:
+    """Each patient's ED and ES volumes, two records of one patient labelled with its group."""
+    return [VolumeRecord(f"{folder.name}_{phase}", path, labels, folder.name)
+            for folder, phase, path, labels in acdc_phase_files(root)]
+
+
+def pretraining_cine_volumes(root: Path, labelled: list[ImageRecord] | None) -> list[ImageRecord]:
+    """For 3-D pretraining: every frame of each patient's 4-D cine as a volume (ED/ES when it is absent)."""
+    if labelled is None:
+        return find_volumes(root)
+    records = []
+    for folder in acdc_patients(root):
+        cine = folder / f"{folder.name}_4d.nii.gz"
+        if not cine.is_file():
+            records += [r for r in labelled if r.group == folder.name]
+            continue
+        _, frames = _volume_slices(cine)
+        records += [VolumeRecord(f"{folder.name}_t{t:02d}", cine, None, folder.name, (t,)) for t in range(frames)]
+    return records
+
+
+ACDC = DatasetDescription(
     name="acdc",
     classes=ACDC_CLASSES,
     multilabel=False,
@@ -113,4 +139,7 @@ ACDC = AcdcDescription(
     data_hint="download the ACDC training set (patientXXX folders with Info.cfg and NIfTI volumes), or write "
               "sample data with `python -m mirl.sample_data acdc --out DIR` and pass --data-root DIR",
     patient_vote=True,
+    find_pretraining=pretraining_cine,
+    volumes=VolumeFormat(find_labelled=find_acdc_volumes, find_pretraining=pretraining_cine_volumes,
+                         size=(16, 96, 96), voxel_size=(10.0, 2.0, 2.0), intensity="grey", augment="mr"),
 )

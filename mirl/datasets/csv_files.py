@@ -159,4 +159,5 @@ def with_label_csv(description: DatasetDescription, csv_path: Path, root: Path,
     records, classes, multilabel = read_label_csv(csv_path, root, group_column=group_column)
     return replace(description, name=f"{description.name}:{csv_path.name}", classes=classes, multilabel=multilabel,
                    augment="paper",  # the modality of a user's images is unknown: the papers' recipes
-                   find_labelled=lambda _: records, has_labels=lambda _: True)
+                   find_labelled=lambda _: records, has_labels=lambda _: True,
+                   volumes=None)  # a CSV names 2-D images: --dims 3 reads a dataset's own volumes

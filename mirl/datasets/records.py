@@ -3,7 +3,7 @@ one torch Dataset that reads pixels of every format."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -65,8 +65,24 @@ def record_group(record: ImageRecord) -> str:
 
 
 @dataclass(frozen=True)
+class VolumeFormat:
+    """How a dataset reads as volumes (`--dims 3`): its labelled volumes, the volumes pretraining may use
+    (None: the labelled ones, or every volume of an unlabelled folder), the default grid (input size in voxels and
+    voxel size in mm, None: each volume fitted whole), what its volumes hold (`mirl.volumes.INTENSITIES`) and the
+    modality's recipe family for the 3-D views."""
+
+    find_labelled: Callable[[Path], list[ImageRecord]]
+    find_pretraining: Callable[[Path, list[ImageRecord] | None], list[ImageRecord]]
+    size: tuple[int, int, int]
+    voxel_size: tuple[float, float, float] | None
+    intensity: str
+    augment: str
+
+
+@dataclass(frozen=True)
 class DatasetDescription:
-    """Everything MIRL needs to know about one dataset."""
+    """Everything MIRL needs to know about one dataset. `spatial_dims` says whether its records are 2-D images or
+    volumes; `in_dims(3)` is the dataset read as volumes, when its `volumes` format says how."""
 
     name: str
     classes: tuple[str, ...]
@@ -77,6 +93,19 @@ class DatasetDescription:
     data_hint: str
     patient_group: Callable[[ImageRecord], str | None] = record_group  # None: the image names no patient
     patient_vote: bool = False  # also report patient-level accuracy from the slices' votes
+    find_pretraining: Callable[[Path, list[ImageRecord] | None], list[ImageRecord]] | None = None
+    volumes: VolumeFormat | None = None
+    spatial_dims: int = 2
+
+    def in_dims(self, dims: int) -> DatasetDescription:
+        """The dataset read with `dims` spatial dimensions: itself for 2, its volume format for 3."""
+        if dims == self.spatial_dims:
+            return self
+        if self.volumes is None:
+            raise DataError(f"{self.name} holds 2-D images, not volumes; --dims 3 reads RSNA series, ACDC and "
+                            "NIfTI or DICOM-series folders")
+        return replace(self, find_labelled=self.volumes.find_labelled, augment=self.volumes.augment,
+                       find_pretraining=self.volumes.find_pretraining, spatial_dims=3)
 
     def check_root(self, root: Path) -> None:
         if not root.is_dir():
@@ -85,6 +114,8 @@ class DatasetDescription:
     def pretraining_images(self, root: Path, labelled: list[ImageRecord] | None) -> list[ImageRecord]:
         """Images for pretraining: the labelled set when there is one (its test split is then held
         out), else every image in the folder."""
+        if self.find_pretraining is not None:
+            return self.find_pretraining(root, labelled)
         return labelled if labelled is not None else find_images(root)
 
 

@@ -1,13 +1,15 @@
 """RSNA Intracranial Hemorrhage Detection: DICOM slices and the long-form label CSV."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from mirl.datasets.csv_files import read_csv_checked
-from mirl.datasets.records import DatasetDescription, ImageRecord
+from mirl.datasets.records import DatasetDescription, ImageRecord, VolumeFormat
+from mirl.datasets.volumes import headers_or_unreadable, pretraining_volumes, series_records
 from mirl.errors import DataError, UnreadableImageError
 from mirl.imaging import dicom_patient_group
 
@@ -128,6 +130,17 @@ def find_rsna_labelled(root: Path) -> list[ImageRecord]:
     return [ImageRecord(image_id, paths[image_id], values[i]) for i, image_id in enumerate(labels.index)]
 
 
+def find_rsna_volumes(root: Path) -> list[ImageRecord]:
+    """One record per labelled series (SeriesInstanceUID, slices ordered along the slice normal), labelled at
+    study level: a hemorrhage type is present when any of its slices shows it."""
+    slices = find_rsna_labelled(root)
+    labels = {r.path: r.labels for r in slices}
+    stems = {r.path: r.image_id for r in slices}
+    headers, unreadable = headers_or_unreadable(sorted(labels), stems.__getitem__)
+    unreadable = [replace(r, labels=labels[r.path]) for r in unreadable]
+    return sorted([*series_records(headers, stems.__getitem__, labels), *unreadable], key=lambda r: r.image_id)
+
+
 RSNA = DatasetDescription(
     name="rsna",
     classes=RSNA_CLASSES,
@@ -138,4 +151,7 @@ RSNA = DatasetDescription(
     patient_group=dicom_patient_group_or_own,
     data_hint="download RSNA Intracranial Hemorrhage Detection from Kaggle, or write sample data with "
               "`python -m mirl.sample_data rsna --out DIR` and pass --data-root DIR",
+    # a head CT: 32 slices of 5 mm (RSNA's usual thickness) by 128 x 128 of 2 mm cover 160 x 256 x 256 mm
+    volumes=VolumeFormat(find_labelled=find_rsna_volumes, find_pretraining=pretraining_volumes, size=(32, 128, 128),
+                         voxel_size=(5.0, 2.0, 2.0), intensity="hu", augment="ct"),
 )
