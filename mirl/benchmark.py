@@ -47,12 +47,21 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, AugmentRecipe, BatchAugment, view_recipe
+from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, AugmentRecipe, view_recipe
 from mirl.cache import dataset_images, open_cache
-from mirl.datasets import DATASETS, ImageDataset, ImageRecord, decode_record
+from mirl.config import SPATIAL_DIMS
+from mirl.datasets import DATASETS, DatasetDescription, ImageRecord, decode_record
 from mirl.edge import guarded
 from mirl.encoders import architecture
-from mirl.flags import OneLineParser, batch_size, image_size, non_negative_int, positive_int
+from mirl.flags import (
+    OneLineParser,
+    batch_size,
+    image_size,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    volume_side,
+)
 from mirl.loaders import make_loader
 from mirl.method_spec import TrainingPlan, View
 from mirl.methods import METHODS
@@ -60,8 +69,10 @@ from mirl.pretrain import build_optimizer, training_recipe
 from mirl.pretraining_method import PretrainingMethod
 from mirl.runtime import precision_name, prepare_network, resolve_device, resolve_precision
 from mirl.sample_data import write_rsna
+from mirl.spatial import InputSpace
 from mirl.teacher import momentum_teachers
 from mirl.training import TrainingStep
+from mirl.volumes import VolumeGeometry
 
 
 def pil_views(recipe: AugmentRecipe, size: int) -> T.Compose:
@@ -209,21 +220,23 @@ def peak_memory_mb(device: torch.device) -> float:
 def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -> dict:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    description = DATASETS[args.dataset]
+    description = DATASETS[args.dataset].in_dims(args.dims)
     data_root = data_root.resolve()  # as the cache names its images
     records = dataset_images(description, data_root)
+    inputs = benchmark_inputs(args, description)
     views = method_views(args.method, args.arch, args.image_size)
-    augments = [BatchAugment(view_recipe(view, "paper"), view.size) for view in views]
+    # 2-D: the papers' recipes, as the reference path augments; volumes: the modality's (there is no reference)
+    augments = [inputs.training_view(view, "paper" if args.dims == 2 else description.augment) for view in views]
     torch.manual_seed(0)
 
-    decoded = ImageDataset(records, args.image_size, 0)
+    decoded = inputs.dataset(records, 0)
     picks = iter(np.random.default_rng(0).integers(len(records), size=10 ** 6))
 
     def decode_one() -> int:
         decoded[int(next(picks))]
         return 1
     decode_per_s = timed_rates({"decode": decode_one}, 2, min(len(records), 200), torch.device("cpu"))["decode"]
-    cache = open_cache(description, data_root, args.image_size, cache_root, args.workers)
+    cache = open_cache(description, data_root, inputs, cache_root, args.workers)
 
     def read_one() -> int:
         cache.read(int(next(picks)))
@@ -232,14 +245,15 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
 
     # the ceiling (steps on views already on the device) and the real path (cache, loader, augmentation
     # on the device) on the same model, measured in alternating blocks
-    model = prepare_network(pretraining_model(args.method, args.arch, reference=False), device, True, args.compile)
+    model = prepare_network(pretraining_model(args.method, args.arch, reference=False), device, True, args.compile,
+                            inputs.spatial_dims)
     model.train()
-    sample = ImageDataset(records[:args.batch_size], args.image_size, 0, cache)
+    sample = inputs.dataset(records[:args.batch_size], 0, cache)
     first = torch.stack([sample[i][0] for i in range(len(sample))]).to(device)
     fixed_views = tuple(augment(first).contiguous() for augment in augments)
     model_step = contrastive_step(model, args.method, args.arch, args.batch_size, device, precision,
                                   lambda _: fixed_views)
-    loader = make_loader(ImageDataset(records, args.image_size, 0, cache), args.batch_size, args.workers,
+    loader = make_loader(inputs.dataset(records, 0, cache), args.batch_size, args.workers,
                          shuffle=True, drop_last=True, seed=0)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
     pipeline_step = contrastive_step(model, args.method, args.arch, args.batch_size, device, precision,
@@ -257,7 +271,7 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
     model_only_per_s, pipeline_per_s = rates["model_only"], rates["pipeline"]
 
     baseline_per_s = None
-    if not args.skip_baseline:
+    if not args.skip_baseline and args.dims == 2:  # the papers' per-sample PIL path exists for images only
         reference = pretraining_model(args.method, args.arch, reference=True).to(device)
         reference.train()
         papers_views = [pil_views(view_recipe(view, "paper"), view.size) for view in views]
@@ -294,18 +308,39 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
         "cache_read_per_s": cache_read_per_s,
         "cache_vs_decode": cache_read_per_s / decode_per_s,
         "peak_memory_mb": peak_memory,
-        "unit": "image pairs/s" if len(views) == 2 else f"images/s ({len(views)} views each)",
-        "views": [f"{view.recipe} {view.size} px" for view in views],
+        "unit": f"{'image' if args.dims == 2 else 'volume'} pairs/s" if len(views) == 2
+        else f"images/s ({len(views)} views each)",
+        "views": [f"{view.recipe} {shown_size(inputs.view_size(view))}" for view in views],
         "views_per_s": pipeline_per_s * len(views),
         "model_only_views_per_s": model_only_per_s * len(views),
         # what multi-crop costs in input pixels, against two views at the input size
-        "pixels_vs_two_views": sum(view.size ** 2 for view in views) / (2 * args.image_size ** 2),
+        "pixels_vs_two_views": sum(voxels(inputs.view_size(view)) for view in views) / (2 * voxels(inputs.size)),
         "device": device_name(device),
         "precision": precision_name(precision),
         "torch": torch.__version__,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "images": len(records),
     }
+
+
+def benchmark_inputs(args: argparse.Namespace, description: DatasetDescription) -> InputSpace:
+    """The benchmark's inputs: images of --image-size, or volumes on the dataset's grid (or --volume-size and
+    --voxel-size)."""
+    if args.dims == 2:
+        return InputSpace(args.image_size)
+    volumes = description.volumes
+    return InputSpace(args.image_size, VolumeGeometry(tuple(args.volume_size or volumes.size),
+                                                      tuple(args.voxel_size or volumes.voxel_size or ()) or None,
+                                                      volumes.intensity))
+
+
+def voxels(size: int | tuple[int, ...]) -> int:
+    """Pixels of a square input of side `size`, or voxels of a volume's (D, H, W)."""
+    return size * size if isinstance(size, int) else math.prod(size)
+
+
+def shown_size(size: int | tuple[int, ...]) -> str:
+    return f"{size} px" if isinstance(size, int) else f"{'x'.join(map(str, size))} voxels"
 
 
 def side_by_side(by_method: dict[str, dict]) -> str:
@@ -325,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="one method, or several measured one after another on the same data (side by side)")
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--image-size", type=image_size, default=224)
+    parser.add_argument("--dims", type=int, choices=SPATIAL_DIMS, default=2,
+                        help="3: volumes (RSNA series) with a 3-D encoder (--arch resnet18_3d --volume-size 32 32 32)")
+    parser.add_argument("--volume-size", type=volume_side, nargs=3, default=None, metavar=("D", "H", "W"))
+    parser.add_argument("--voxel-size", type=positive_float, nargs=3, default=None, metavar=("Z", "Y", "X"))
     parser.add_argument("--batch-size", type=batch_size, default=256)
     parser.add_argument("--steps", type=positive_int, default=20, help="timed steps of each kind")
     parser.add_argument("--warmup", type=non_negative_int, default=5, help="untimed steps before each measurement")
@@ -344,7 +383,11 @@ def main(argv: list[str] | None = None) -> int:
             data_root = args.data_root
             if data_root is None:
                 needed = (args.warmup + args.steps + 1) * args.batch_size
-                data_root = write_rsna(Path(scratch) / "data", patients=max(8, math.ceil(needed / 8)), size=512,
+                # images: enough 512 px slices that no image repeats; volumes (one per patient): four batches of
+                # 256 px series, read again and again from the cache (a read costs the same the second time)
+                patients, size = (max(8, math.ceil(needed / 8)), 512) if args.dims == 2 else \
+                    (max(8, 4 * args.batch_size), 256)
+                data_root = write_rsna(Path(scratch) / "data", patients=patients, size=size,
                                        workers=os.cpu_count() or 1)
             else:
                 DATASETS[args.dataset].check_root(data_root)

@@ -23,6 +23,7 @@ from mirl.monitor import extract_features, sample_records
 from mirl.runtime import resolve_device, resolve_precision
 from mirl.spatial import InputSpace
 from mirl.splits import load_splits
+from mirl.volumes import VolumeGeometry
 
 
 def class_of(labels: np.ndarray, classes: tuple[str, ...]) -> list[str]:
@@ -38,12 +39,17 @@ def embed(args: argparse.Namespace) -> None:
     if args.labels is not None:
         description = with_label_csv(description, args.labels, args.data_root, args.group_column)
     size = args.image_size or checkpoint_image_size(fields) or 224
+    inputs = InputSpace(size)
+    if fields.get("dims") == 3:  # a volume encoder: its run's grid, on the dataset read as volumes
+        description = description.in_dims(3)
+        inputs = InputSpace(size, VolumeGeometry(tuple(fields["volume_size"]), fields.get("voxel_size") and
+                                                 tuple(fields["voxel_size"]), fields["intensity"]))
     description.check_root(args.data_root)
     records = description.find_labelled(args.data_root)
     test_ids = set(load_splits(description, records, args.split_dir)["test"])
     test = sample_records([r for r in records if r.image_id in test_ids], args.max_images, seed=0)
     device = resolve_device(args.device)
-    features, labels = extract_features(encoder.to(device), test, len(description.classes), InputSpace(size),
+    features, labels = extract_features(encoder.to(device), test, len(description.classes), inputs,
                                          device, resolve_precision("auto", device), 64, args.workers)
     points = TSNE(n_components=2, perplexity=min(30.0, (len(features) - 1) / 3), init="pca",
                   random_state=0).fit_transform(features)

@@ -20,10 +20,11 @@ from mirl.checkpoints import load_checkpoint, reading_state, save_checkpoint
 from mirl.config import identity_digest
 from mirl.edge import guarded
 from mirl.errors import CheckpointError
-from mirl.flags import OneLineParser, image_size
+from mirl.flags import TIMM_PREFIX, VOLUME_ENCODERS, OneLineParser, image_size
 from mirl.imaging import BRAIN_WINDOW, SOFT_TISSUE_WINDOW, SUBDURAL_WINDOW
 from mirl.models import architecture, build_encoder, known_architecture
 from mirl.run_files import atomic_write_text, prepare_output_dir
+from mirl.volume_views import VOLUME_MEAN, VOLUME_STD, window_for
 
 # What MIRL's one reader (`mirl.datasets.decode_record`) does to each kind of file, whatever the dataset.
 DECODING = {
@@ -63,6 +64,17 @@ def encoder_from_checkpoint(path: Path) -> tuple[torch.nn.Module, dict]:
     return encoder, {k: v for k, v in checkpoint.items() if k not in ("encoder", "model")}
 
 
+def loader_call(arch: str) -> str:
+    """The call that builds the architecture outside MIRL, for `encoder.pth` to load into."""
+    if arch in VOLUME_ENCODERS:
+        depth = arch.removeprefix("resnet").removesuffix("_3d")
+        return (f"monai.networks.nets.resnet{depth}(spatial_dims=3, n_input_channels=1, conv1_t_stride=2, "
+                "bias_downsample=False)")
+    if arch.startswith(TIMM_PREFIX):
+        return f"timm.create_model({arch.removeprefix(TIMM_PREFIX)!r})"
+    return f"torchvision.models.{arch}()"
+
+
 def checkpoint_image_size(fields: dict) -> int | None:
     """The input size the checkpoint's network was trained at, when it says."""
     size = fields.get("image_size", (fields.get("run") or {}).get("image_size"))
@@ -91,10 +103,35 @@ def preprocessing(kinds: list[str], image_size: int) -> dict:
     }
 
 
+def volume_preprocessing(fields: dict) -> dict:
+    """What a volume goes through before a 3-D encoder (`mirl.volumes`, `mirl.volume_views`), from the
+    checkpoint's record of its grid."""
+    size, voxel, intensity = fields["volume_size"], fields.get("voxel_size"), fields["intensity"]
+    level, width = window_for(intensity)
+    return {
+        "decoding": {
+            "dicom series": "slices of one SeriesInstanceUID ordered along the slice normal (ImagePositionPatient "
+                            "on ImageOrientationPatient's row x column); slices of another size or orientation, or "
+                            "at a repeated position, left out; gaps interpolated linearly at the real positions",
+            "nifti": "the array's third axis as depth (D x H x W = axes 2, 0, 1), not reoriented; a 4-D cine by frame",
+            "values": "CT in Hounsfield units clamped to -1024..3071" if intensity == "hu" else
+                      "grey levels: the volume's 1st to 99th intensity percentile scaled to 0..255 (CT through the "
+                      "soft-tissue window, level 40, width 380)"},
+        "geometry": {"voxel_size_mm": voxel, "input_size": size,
+                     "resampling": "to the voxel size (area averaging on axes that shrink, trilinear on axes that "
+                                   "grow), centred and cropped or padded (air or black) to the input size"
+                     if voxel else "each axis of the whole volume resampled to the input size"},
+        "window": {"level": level, "width": width, "to_unit": "clipped to [level - width / 2, level + width / 2], "
+                                                              "scaled to 0..1"},
+        "normalisation": {"mean": VOLUME_MEAN, "std": VOLUME_STD, "channels": 1},
+    }
+
+
 def export(checkpoint: Path, out: Path, image_size: int | None) -> None:
     encoder, fields = encoder_from_checkpoint(checkpoint)
     size = image_size or checkpoint_image_size(fields)
-    if size is None:
+    volumes = fields.get("dims") == 3
+    if size is None and not volumes:
         raise CheckpointError(f"{checkpoint} does not record its input size (written by an older MIRL); "
                               "pass --image-size")
     prepare_output_dir(out)
@@ -103,9 +140,10 @@ def export(checkpoint: Path, out: Path, image_size: int | None) -> None:
     identity = fields.get("run")
     record = {"arch": fields["arch"], "method": fields.get("method"), "dataset": dataset,
               "run_id": identity_digest(identity) if isinstance(identity, dict) else None,
-              "source_checkpoint": str(checkpoint.resolve()), "load": f"torchvision.models.{fields['arch']}()"
-              ".load_state_dict(torch.load('encoder.pth', weights_only=True), strict=False): only the "
-              "classifier is missing", **preprocessing(checkpoint_image_kinds(fields), size)}
+              "source_checkpoint": str(checkpoint.resolve()),
+              "load": f"{loader_call(fields['arch'])}.load_state_dict(torch.load('encoder.pth', weights_only=True), "
+              "strict=False): only the classifier is missing",
+              **(volume_preprocessing(fields) if volumes else preprocessing(checkpoint_image_kinds(fields), size))}
     atomic_write_text(out / "preprocessing.json", json.dumps(record, indent=2) + "\n")
     print(f"wrote {out / 'encoder.pth'} ({fields['arch']}) and {out / 'preprocessing.json'}")
 
