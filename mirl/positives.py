@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mirl.datasets import DatasetDescription, ImageDataset, ImageRecord
+from mirl.datasets.volumes import VolumeDataset
 from mirl.imaging import DICOM_SUFFIXES, NIFTI_SUFFIXES, dicom_series_position, image_suffix
 
 
@@ -64,13 +65,14 @@ def partner_candidates(description: DatasetDescription, records: list[ImageRecor
 
 
 class PairedImages(Dataset):
-    """An `ImageDataset` read in (anchor, partner) pairs, as a pairing `EpochSampler` yields them: each item is
-    the two images stacked, 2 x C x S x S, with the anchor's labels. A partner that cannot be read is replaced
-    by the anchor (the pair becomes two views of one image); an unreadable anchor makes the pair unreadable."""
+    """An `ImageDataset` (or `VolumeDataset`) read in (anchor, partner) pairs, as a pairing `EpochSampler` yields
+    them: each item is the two images stacked, 2 x C x S x S (2 x 1 x D x H x W), with the anchor's labels. A
+    partner that cannot be read is replaced by the anchor (the pair becomes two views of one image); an
+    unreadable anchor makes the pair unreadable."""
 
-    def __init__(self, images: ImageDataset) -> None:
+    def __init__(self, images: ImageDataset | VolumeDataset) -> None:
         self.images = images
-        self.records, self.image_size = images.records, images.image_size
+        self.records = images.records
 
     def __len__(self) -> int:
         return len(self.images)

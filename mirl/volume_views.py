@@ -39,7 +39,7 @@ class VolumeRecipe:
     """Ranges of the random 3-D transforms; a zero strength or probability switches a transform off."""
 
     crop_scale: tuple[float, float] = (0.2, 1.0)  # share of the volume
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # each axis' side against the geometric mean of the three
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # any two sides' ratio, as the 2-D crop's width to height
     flip_p: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per axis: D, H, W
     jitter_p: float = 0.0
     level: float = 0.0  # a window's level moved by up to this share of its width (CT), an offset (MR)
@@ -79,11 +79,12 @@ def window_for(intensity: str) -> tuple[float, float]:
 def random_resized_boxes_3d(n: int, scale: tuple[float, float], ratio: tuple[float, float], device: torch.device,
                             attempts: int = CROP_ATTEMPTS) -> torch.Tensor:
     """The sides (fractions of each axis, n x 3 as D, H, W) of `n` random resized 3-D crops: a share U(`scale`)
-    of the volume, each side its cube root times a log-uniform factor in `ratio` (the three factors divided by
-    their geometric mean, so the share is kept); redrawn until the box fits (up to `attempts` times, as
-    torchvision's 2-D crop), else the whole volume."""
+    of the volume, each side its cube root times a factor log-uniform in sqrt(`ratio`) (the three divided by
+    their geometric mean, so the share is kept), so that any two sides' ratio lies in `ratio` when it is
+    symmetric in log (3/4 to 4/3); redrawn until the box fits (up to `attempts` times, as torchvision's 2-D
+    crop), else the whole volume."""
     share = torch.empty(n, attempts, 1, device=device).uniform_(*scale)
-    log_factor = torch.empty(n, attempts, 3, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    log_factor = torch.empty(n, attempts, 3, device=device).uniform_(math.log(ratio[0]) / 2, math.log(ratio[1]) / 2)
     sides = share.pow(1 / 3) * (log_factor - log_factor.mean(dim=2, keepdim=True)).exp()
     fits = (sides <= 1).all(dim=2)
     first = fits.to(torch.uint8).argmax(dim=1)

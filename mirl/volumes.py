@@ -34,6 +34,7 @@ from mirl.imaging import (
     hounsfield_units,
     is_grey_ct,
     middle_frame,
+    normalised_volume,
     percentile_uint8,
     read_dicom_dataset,
     window_ct,
@@ -222,7 +223,9 @@ def volume_values(volume: np.ndarray, ct: bool, intensity: str) -> np.ndarray:
 
 def read_nifti_volume(path: Path, frame: int | None, intensity: str) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A NIfTI volume (or frame `frame` of a 4-D one) as D x H x W voxels with their spacing (z, y, x in mm);
-    the array's third axis is the slice axis, as the 2-D reader takes it. Values are HU in a CT run."""
+    the array's third axis is the slice axis, as the 2-D reader takes it. Values are HU in a CT run; grey
+    levels are the 2-D reader's (`normalised_volume`: the file's own percentiles, every frame of a cine alike,
+    decoded once per process for all its frames)."""
     try:
         image = nib.load(str(path))
         shape, zooms = image.shape, image.header.get_zooms()
@@ -232,18 +235,20 @@ def read_nifti_volume(path: Path, frame: int | None, intensity: str) -> tuple[np
         raise UnreadableImageError(f"{path.name}: has 4 dimensions {tuple(shape)} where a 3-D volume is expected")
     if len(shape) not in (3, 4) or (len(shape) == 4 and not 0 <= frame < shape[3]):
         raise UnreadableImageError(f"{path.name}: expected a 3-D volume, got shape {tuple(shape)}")
-    try:
-        data = image.dataobj[..., frame] if len(shape) == 4 else image.dataobj
-        volume = np.asarray(data, dtype=np.float32).transpose(2, 0, 1)
-    except Exception as error:
-        raise UnreadableImageError(f"{path.name}: its voxels cannot be read ({type(error).__name__})") from None
-    if min(volume.shape) < 2:
+    if min(shape[:3]) < 2:
         raise UnreadableImageError(f"{path.name}: a volume of shape {tuple(shape)} has fewer than 2 voxels on an axis")
     spacing = tuple(float(z) if z > 0 else 1.0 for z in (zooms[2], zooms[0], zooms[1]))
+    if intensity == "grey":
+        grey = normalised_volume(path)
+        volume = grey[..., frame] if len(shape) == 4 else grey
+        return volume.transpose(2, 0, 1).astype(np.float32), spacing
     try:
-        return volume_values(volume, intensity == "hu", intensity), spacing
+        volume = np.asarray(image.dataobj[..., frame] if len(shape) == 4 else image.dataobj, dtype=np.float32)
+        return volume_values(volume.transpose(2, 0, 1), True, intensity), spacing
     except UnreadableImageError as error:
         raise UnreadableImageError(f"{path.name}: {error}") from None
+    except Exception as error:
+        raise UnreadableImageError(f"{path.name}: its voxels cannot be read ({type(error).__name__})") from None
 
 
 def resample_volume(values: np.ndarray, spacing: tuple[float, float, float], geometry: VolumeGeometry) -> torch.Tensor:
