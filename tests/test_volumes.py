@@ -341,14 +341,19 @@ def test_volume_runs_refuse_what_they_cannot_do_in_one_line(capsys, rsna_root, i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["trainMoCo.py", "trainMoCoV2.py", "trainSimCLR.py", "trainBYOL.py"])
-def test_every_method_pretrains_on_acdc_volumes(acdc_root, tmp_path, script):
-    result = run_in_process("ACDC", script, "--data-root", acdc_root, "--output-dir", tmp_path / "run",
+@pytest.mark.parametrize("folder,script", [("ACDC", "trainMoCoV2.py"), ("RSNA_MoCo", "trainMoCo.py"),
+                                           ("RSNA_MoCo", "trainSimCLR.py"), ("RSNA_MoCo", "trainBYOL.py")])
+def test_every_method_pretrains_on_volumes_with_the_patients_other_volumes_as_positives(rsna_root, acdc_root,
+                                                                                        tmp_path, folder, script):
+    root = {"ACDC": acdc_root, "RSNA_MoCo": rsna_root}[folder]
+    result = run_in_process(folder, script, "--data-root", root, "--output-dir", tmp_path / "run",
                             "--split-dir", tmp_path / "splits", *TINY_3D, "--positives", "patient", "--knn-images", "0")
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["dims"] == 3 and config["augment"] == "mr" and config["intensity"] == "grey"
-    assert config["images"] > 20  # every cine frame a volume, not only ED and ES
+    modality = {"ACDC": ("mr", "grey"), "RSNA_MoCo": ("ct", "hu")}[folder]
+    assert config["dims"] == 3 and (config["augment"], config["intensity"]) == modality
+    if folder == "ACDC":  # every cine frame a volume (not only ED and ES), each paired with its patient's others
+        assert config["images"] > 20 and config["images_with_a_partner"] == config["images"]
     state = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)
     assert state["dims"] == 3 and state["volume_size"] == [8, 32, 32]
 
@@ -376,8 +381,8 @@ def test_rsna_volumes_pretrain_probe_and_list_left_out_slices(rsna_root, tmp_pat
 
 @pytest.mark.slow
 def test_acdc_volumes_fine_tune_with_a_patient_vote_and_resume_exactly(acdc_root, tmp_path):
-    common = ["--data-root", acdc_root, "--split-dir", tmp_path / "splits", *TINY_3D, "--resnet", "--epochs", "2",
-              "--deterministic", "--save-every", "3", "--keep", "20", "--keep-states"]
+    common = ["--data-root", acdc_root, "--split-dir", tmp_path / "splits", *TINY_3D, "--resnet",
+              "--deterministic", "--save-every", "2", "--keep", "20", "--keep-states"]
     result = run_in_process("ACDC", "MoCov2_downstream.py", *common, "--output-dir", tmp_path / "unbroken")
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "unbroken" / "metrics.json").read_text())
