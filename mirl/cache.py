@@ -2,9 +2,9 @@
 
 Decoding a DICOM costs about a millisecond and a JPEG more; at GPU rates no CPU can do it every epoch.
 The cache holds one C x S x S uint8 image per source image of a dataset (S = 2 x the input size, so
-crops come from source resolution), in a `.npy` file that training
-reads through a memory map, so later epochs and later runs read at memory speed and a process's memory
-does not grow with the dataset (the operating system's page cache holds what is hot).
+crops come from source resolution), or one 1 x 2D x 2H x 2W int16 volume per volume (`--dims 3`), in a
+`.npy` file that training reads through a memory map, so later epochs and later runs read at memory speed and
+a process's memory does not grow with the dataset (the operating system's page cache holds what is hot).
 
 A cache lives in `CACHE_ROOT/<dataset>-<size>px-<key>/`, where the key hashes the preprocessing settings
 and every source file's path, slice, size and modification time: change a file, the image size or the
@@ -12,6 +12,7 @@ reader and the next run builds a new cache instead of reading stale pixels. It i
 temporary folder and renamed when complete, so an interrupted build is never mistaken for a cache.
 
     python -m mirl.cache rsna --data-root DIR --cache DIR --image-size 224
+    python -m mirl.cache rsna --data-root DIR --cache DIR --dims 3 --volume-size 32 128 128   # volumes
 """
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from mirl import distributed
+from mirl.config import SPATIAL_DIMS, RunConfig
 from mirl.datasets import DATASETS, DatasetDescription, ImageRecord
 from mirl.edge import guarded
 from mirl.errors import InputError, OutputError
-from mirl.flags import OneLineParser, image_size, non_negative_int
+from mirl.flags import OneLineParser, image_size, non_negative_int, positive_float, volume_side
 from mirl.run_files import progress
-from mirl.spatial import InputSpace
+from mirl.spatial import InputSpace, input_space, settled_inputs
 
 # Bump when decoding changes (windows, normalisation, resizing): old caches then stop matching.
 # Format 2: images kept at source_side(image_size), the shorter side resized and the longer centre-cropped.
@@ -188,14 +190,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--cache", type=Path, required=True, help="folder that holds the caches")
     parser.add_argument("--image-size", type=image_size, default=224)
+    parser.add_argument("--dims", type=int, choices=SPATIAL_DIMS, default=2, help="3: the dataset's volumes")
+    parser.add_argument("--volume-size", type=volume_side, nargs=3, default=None, metavar=("D", "H", "W"),
+                        help="--dims 3: as the runs that will read it (default: the dataset's)")
+    parser.add_argument("--voxel-size", type=positive_float, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                        help="--dims 3: as the runs that will read it (default: the dataset's)")
     parser.add_argument("--workers", type=non_negative_int, default=os.cpu_count() or 1,
                         help="decoding processes (all cores)")
     args = parser.parse_args(argv)
 
     def build() -> None:
-        description = DATASETS[args.dataset]
+        description = DATASETS[args.dataset].in_dims(args.dims)
         description.check_root(args.data_root)
-        cache = open_cache(description, args.data_root, args.image_size, args.cache, args.workers)
+        config = settled_inputs(RunConfig(data_root=args.data_root, output_dir=args.cache, split_dir=args.cache,
+                                          image_size=args.image_size, dims=args.dims, volume_size=args.volume_size,
+                                          voxel_size=args.voxel_size), description)
+        cache = open_cache(description, args.data_root, input_space(config, description), args.cache, args.workers)
         unreadable = int((~cache.readable).sum())
         print(f"{cache.folder}: {len(cache.readable)} images, {unreadable} unreadable")
     return guarded(build)
