@@ -5,12 +5,14 @@ the state dict a pretraining run saves loads into `torchvision.models.resnet50()
 `timm.create_model("NAME")`) under the same key names. Nothing is ever downloaded.
 
 What the methods assume of an encoder, made explicit here: it maps an image batch to one feature vector
-per image; MoCo's shuffle-BN substitute (`SplitBatchNorm2d`) replaces whatever BatchNorm2d layers it has
+per image; MoCo's shuffle-BN substitute (`SplitBatchNorm2d`/`3d`) replaces whatever BatchNorm2d/3d layers it has
 (a network without BatchNorm, such as ConvNeXt with LayerNorm, leaks nothing across a batch and needs
 none); random layers (dropout, stochastic depth, timm's DropPath) are kept out of MoCo's key encoder.
 Vision transformers (`timm:vit_small_patch16_224`) are built to take any input size (their position
 embedding interpolated, as DINO's multi-crop needs) and hand on their class token; only a method with a
-recipe for them trains them (DINO: MoCo, SimCLR and BYOL's recipes are the CNN papers').
+recipe for them trains them (DINO: MoCo, SimCLR and BYOL's recipes are the CNN papers'). Volume encoders
+(`--arch resnet18_3d`, `resnet34_3d`, `resnet50_3d`, for `--dims 3`) are MONAI's 3-D ResNets on one input channel;
+their BatchNorm3d is split or made cross-rank as the 2-D networks' BatchNorm2d is.
 """
 from __future__ import annotations
 

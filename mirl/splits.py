@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mirl.config import FRACTIONS
+from mirl.config import FRACTIONS, SPATIAL_DIMS
 from mirl.datasets import DATASETS, DatasetDescription, ImageRecord
 from mirl.errors import DataError, InputError
 from mirl.run_files import atomic_write_text, progress, prove_writable
@@ -176,9 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="folder for the split files")
+    parser.add_argument("--dims", type=int, choices=SPATIAL_DIMS, default=2,
+                        help="3: split the dataset's volumes (RSNA series, ACDC ED/ES) for --dims 3 runs")
     args = parser.parse_args(argv)
-    description = DATASETS[args.dataset]
     try:
+        description = DATASETS[args.dataset].in_dims(args.dims)
         description.check_root(args.data_root)
         records = description.find_labelled(args.data_root)
         make_splits(description, records, args.out)

@@ -27,17 +27,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def images(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def images(seed: int, shape: tuple[int, ...] = (3, 32, 32)) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(2 * B, 3, 32, 32, generator=generator), torch.randn(2 * B, 3, 32, 32, generator=generator)
+    return torch.randn(2 * B, *shape, generator=generator), torch.randn(2 * B, *shape, generator=generator)
 
 
-def simclr_rank(rank: int, port: int, out: str) -> None:
+def simclr_rank(rank: int, port: int, out: str, arch: str, shape: tuple[int, ...]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(SimCLR("resnet18", temperature=0.5))
-    x1, x2 = images(1)
+    model = torch.nn.parallel.DistributedDataParallel(SimCLR(arch, temperature=0.5))
+    x1, x2 = images(1, shape)
     mine = slice(rank * B, (rank + 1) * B)
     loss, _ = model(x1[mine], x2[mine])
     loss.backward()
@@ -60,13 +60,15 @@ def moco_rank(rank: int, port: int, out: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_simclr_matches_one_process_of_twice_the_batch(tmp_path):
+@pytest.mark.parametrize("arch,shape", [("resnet18", (3, 32, 32)), ("resnet18_3d", (1, 8, 32, 32))])
+def test_two_process_simclr_matches_one_process_of_twice_the_batch(tmp_path, arch, shape):
+    """The gathered NT-Xent and the cross-rank BatchNorm (BatchNorm3d for a volume encoder)."""
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(simclr_rank, args=(free_port(), out), nprocs=2, join=True)
+    mp.spawn(simclr_rank, args=(free_port(), out, arch, shape), nprocs=2, join=True)
     distributed = torch.load(out, weights_only=True)
     torch.manual_seed(0)
-    model = SimCLR("resnet18", temperature=0.5)
-    x1, x2 = images(1)
+    model = SimCLR(arch, temperature=0.5)
+    x1, x2 = images(1, shape)
     loss, _ = model(x1, x2)
     loss.backward()
     assert abs(distributed["loss"].item() - loss.item()) < 1e-5

@@ -1,11 +1,10 @@
 """Volumes as first-class data (`--dims 3`): 3-D views against grid_sample, series assembled from shuffled files,
-study-level labels, bad volumes skipped and listed, the 3-D split BatchNorm against per-group BatchNorm3d,
-two-process 3-D SimCLR, every method and each dataset folder's scripts end to end, and exact resume."""
+study-level labels, bad volumes skipped and listed, the 3-D split BatchNorm against per-group BatchNorm3d, every
+method and each dataset folder's scripts end to end, and exact resume (two-process 3-D SimCLR is in
+tests/test_distributed.py)."""
 import json
-import os
 import random
 import shutil
-import socket
 from pathlib import Path
 
 import nibabel as nib
@@ -13,8 +12,6 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import assert_one_line_error, run_entry, run_in_process
 
@@ -25,7 +22,6 @@ from mirl.datasets.volumes import VolumeDataset, find_volumes
 from mirl.errors import DataError
 from mirl.moco import SplitBatchNorm3d
 from mirl.sample_data import write_rsna
-from mirl.simclr import SimCLR
 from mirl.spatial import InputSpace
 from mirl.volume_views import (
     CT_WINDOW,
@@ -252,46 +248,6 @@ def test_the_3d_split_batchnorm_equals_one_batchnorm3d_per_group():
     (out * target).sum().backward()
     torch.testing.assert_close(x.grad, reference.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(bn.weight.grad, sum(g.weight.grad for g in groups), rtol=1e-4, atol=1e-5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def volumes(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(4, 1, 8, 32, 32, generator=generator), torch.randn(4, 1, 8, 32, 32, generator=generator)
-
-
-def simclr_3d_rank(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(SimCLR("resnet18_3d", temperature=0.5))
-    x1, x2 = volumes(1)
-    loss, _ = model(x1[2 * rank:2 * rank + 2], x2[2 * rank:2 * rank + 2])
-    loss.backward()
-    if rank == 0:
-        torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in model.module.named_parameters()}}, out)
-    dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_two_process_3d_simclr_matches_one_process_of_twice_the_batch(tmp_path):
-    """Cross-rank BatchNorm3d and the gathered NT-Xent: two gloo processes of 2 volumes = one of 4."""
-    out = str(tmp_path / "rank0.pt")
-    mp.spawn(simclr_3d_rank, args=(free_port(), out), nprocs=2, join=True)
-    distributed = torch.load(out, weights_only=True)
-    torch.manual_seed(0)
-    model = SimCLR("resnet18_3d", temperature=0.5)
-    loss, _ = model(*volumes(1))
-    loss.backward()
-    assert abs(distributed["loss"].item() - loss.item()) < 1e-5
-    for name, p in model.named_parameters():
-        scale = p.grad.abs().max().item()
-        torch.testing.assert_close(distributed["grads"][name], p.grad, rtol=0, atol=1e-4 * scale + 1e-8, msg=name)
 
 
 def test_a_3d_cache_reads_what_decoding_gives_and_is_kept_apart_from_2d(rsna_root, tmp_path):

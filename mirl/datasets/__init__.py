@@ -4,7 +4,9 @@ A dataset is described once by a `DatasetDescription`: its classes, whether it i
 function that lists the labelled images under a data root, one that lists the images pretraining
 may use, and one that says which patient (or lesion) an image belongs to. Pixels of every format
 are decoded by the one `decode_record`. Splits, pretraining, downstream training and metrics all
-work from the description, so a new dataset is a reader, a sample writer and a description.
+work from the description, so a new dataset is a reader, a sample writer and a description. A dataset
+that holds volumes says how in its `VolumeFormat`; `description.in_dims(3)` reads it as volumes
+(`mirl.datasets.volumes`).
 """
 from __future__ import annotations
 

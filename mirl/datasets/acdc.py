@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -72,18 +73,25 @@ def find_acdc_labelled(root: Path) -> list[ImageRecord]:
     return records
 
 
-def find_acdc_cine(root: Path, labelled: list[ImageRecord]) -> list[ImageRecord]:
-    """For pretraining: every slice of every frame of each patient's 4-D cine (ED/ES when it is absent)."""
+def cine_records(root: Path, labelled: list[ImageRecord],
+                 of_cine: Callable[[str, Path, int, int], list[ImageRecord]]) -> list[ImageRecord]:
+    """For pretraining: `of_cine(patient, cine file, slices, frames)` for each patient's 4-D cine, or the
+    patient's labelled (ED/ES) records when it has none."""
     records = []
     for folder in acdc_patients(root):
         cine = folder / f"{folder.name}_4d.nii.gz"
-        if not cine.is_file():
+        if cine.is_file():
+            records += of_cine(folder.name, cine, *_volume_slices(cine))
+        else:
             records += [r for r in labelled if r.group == folder.name]
-            continue
-        slices, frames = _volume_slices(cine)
-        records += [ImageRecord(f"{folder.name}_t{t:02d}_s{z:02d}", cine, None, folder.name, (z, t))
-                    for t in range(frames) for z in range(slices)]
     return records
+
+
+def find_acdc_cine(root: Path, labelled: list[ImageRecord]) -> list[ImageRecord]:
+    """Every slice of every frame of each patient's 4-D cine."""
+    return cine_records(root, labelled, lambda patient, cine, slices, frames: [
+        ImageRecord(f"{patient}_t{t:02d}_s{z:02d}", cine, None, patient, (z, t))
+        for t in range(frames) for z in range(slices)])
 
 
 def pretraining_cine(root: Path, labelled: list[ImageRecord] | None) -> list[ImageRecord]:
@@ -118,15 +126,8 @@ def pretraining_cine_volumes(root: Path, labelled: list[ImageRecord] | None) -> 
     """For 3-D pretraining: every frame of each patient's 4-D cine as a volume (ED/ES when it is absent)."""
     if labelled is None:
         return find_volumes(root)
-    records = []
-    for folder in acdc_patients(root):
-        cine = folder / f"{folder.name}_4d.nii.gz"
-        if not cine.is_file():
-            records += [r for r in labelled if r.group == folder.name]
-            continue
-        _, frames = _volume_slices(cine)
-        records += [VolumeRecord(f"{folder.name}_t{t:02d}", cine, None, folder.name, (t,)) for t in range(frames)]
-    return records
+    return cine_records(root, labelled, lambda patient, cine, slices, frames: [
+        VolumeRecord(f"{patient}_t{t:02d}", cine, None, patient, (t,)) for t in range(frames)])
 
 
 ACDC = DatasetDescription(

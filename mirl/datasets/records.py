@@ -158,25 +158,25 @@ def image_files_by_stem(root: Path) -> dict[str, list[Path]]:
     return files
 
 
-class ImageDataset(Dataset):
-    """Decodes records into C x S x S uint8 tensors, S = `source_side(image_size)`; an unreadable file
-    yields `ok=False`, not an error.
+class DecodingDataset(Dataset):
+    """Records decoded into tensors (`decode`, by the subclass: images or volumes), with their label vectors;
+    an unreadable file yields a blank tensor and `ok=False`, not an error. With a decoded-image `cache`
+    (mirl.cache), records are read from its memory map instead of decoded."""
 
-    Images are delivered at twice the network's input side, so the device-side augmentation crops
-    them at source resolution (the evaluation view takes their centre). With a decoded-image `cache`
-    (mirl.cache), images are read from its memory map instead of decoded.
-    """
-
-    def __init__(self, records: list[ImageRecord], image_size: int, num_classes: int,
-                 cache: DecodedImages | None = None) -> None:
+    def __init__(self, records: list[ImageRecord], num_classes: int, cache: DecodedImages | None) -> None:
         self.records = records
-        self.image_size = image_size
-        self.side = source_side(image_size)
         self.num_classes = num_classes
         self.cache = cache
         # cache rows as one array, not per-record objects, so workers share it copy-on-write
         self.cache_rows = np.array([-1 if (row := cache.row(r)) is None else row for r in records]) \
             if cache is not None else None
+
+    def decode(self, record: ImageRecord) -> torch.Tensor:
+        raise NotImplementedError
+
+    def blank(self) -> torch.Tensor:
+        """What stands for an unreadable record: zeros of the decoded shape and type."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.records)
@@ -188,18 +188,37 @@ class ImageDataset(Dataset):
             image, readable = self.cache.read(self.cache_rows[index])
             return image, labels, readable
         try:
-            array = decode_record(record)
+            return self.decode(record), labels, True
         except Exception:  # whatever a file does to its reader, one bad file never stops a run
-            return torch.zeros(3, self.side, self.side, dtype=torch.uint8), labels, False
-        return square_uint8(array, self.side), labels, True
+            return self.blank(), labels, False
 
     def why_unreadable(self, index: int) -> str:
-        """The reader's reason for an image that came out unreadable (decoded again: bad files are rare)."""
+        """The reader's reason for a record that came out unreadable (decoded again: bad files are rare)."""
         try:
-            decode_record(self.records[index])
+            self.decode(self.records[index])
         except Exception as error:
             return str(error) or type(error).__name__
         return "unreadable in the decoded-image cache"
+
+
+class ImageDataset(DecodingDataset):
+    """Decodes records into C x S x S uint8 tensors, S = `source_side(image_size)`.
+
+    Images are delivered at twice the network's input side, so the device-side augmentation crops
+    them at source resolution (the evaluation view takes their centre).
+    """
+
+    def __init__(self, records: list[ImageRecord], image_size: int, num_classes: int,
+                 cache: DecodedImages | None = None) -> None:
+        super().__init__(records, num_classes, cache)
+        self.image_size = image_size
+        self.side = source_side(image_size)
+
+    def decode(self, record: ImageRecord) -> torch.Tensor:
+        return square_uint8(decode_record(record), self.side)
+
+    def blank(self) -> torch.Tensor:
+        return torch.zeros(3, self.side, self.side, dtype=torch.uint8)
 
 
 class DecodedImages(Protocol):

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from mirl.datasets.records import DecodedImages, ImageRecord
+from mirl.datasets.records import DecodedImages, DecodingDataset, ImageRecord
 from mirl.errors import UnreadableImageError
 from mirl.imaging import DICOM_SUFFIXES, NIFTI_SUFFIXES, image_suffix
 from mirl.volumes import (
@@ -113,35 +112,17 @@ def left_out_slices(records: list[ImageRecord]) -> list[tuple[str, str, str]]:
     return [(r.image_id, path, reason) for r in records for path, reason in getattr(r, "left_out", ())]
 
 
-class VolumeDataset(Dataset):
-    """Reads volume records onto the run's grid as 1 x D x H x W int16 tensors (SOURCE_SCALE x the input size);
-    an unreadable volume yields `ok=False`, not an error. With a decoded-volume `cache` (mirl.cache), volumes are
-    read from its memory map instead."""
+class VolumeDataset(DecodingDataset):
+    """Reads volume records onto the run's grid as 1 x D x H x W int16 tensors (SOURCE_SCALE x the input
+    size)."""
 
     def __init__(self, records: list[ImageRecord], geometry: VolumeGeometry, num_classes: int,
                  cache: DecodedImages | None = None) -> None:
-        self.records, self.geometry, self.num_classes, self.cache = records, geometry, num_classes, cache
-        self.cache_rows = np.array([-1 if (row := cache.row(r)) is None else row for r in records]) \
-            if cache is not None else None
+        super().__init__(records, num_classes, cache)
+        self.geometry = geometry
 
-    def __len__(self) -> int:
-        return len(self.records)
+    def decode(self, record: ImageRecord) -> torch.Tensor:
+        return read_volume(record, self.geometry)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        record = self.records[index]
-        labels = torch.zeros(self.num_classes) if record.labels is None else torch.tensor(record.labels)
-        if self.cache_rows is not None and self.cache_rows[index] >= 0:
-            volume, readable = self.cache.read(self.cache_rows[index])
-            return volume, labels, readable
-        try:
-            return read_volume(record, self.geometry), labels, True
-        except Exception:  # whatever a file does to its reader, one bad volume never stops a run
-            return torch.zeros(1, *self.geometry.source_shape, dtype=torch.int16), labels, False
-
-    def why_unreadable(self, index: int) -> str:
-        """The reader's reason for a volume that came out unreadable (read again: bad volumes are rare)."""
-        try:
-            read_volume(self.records[index], self.geometry)
-        except Exception as error:
-            return str(error) or type(error).__name__
-        return "unreadable in the decoded-volume cache"
+    def blank(self) -> torch.Tensor:
+        return torch.zeros(1, *self.geometry.source_shape, dtype=torch.int16)
