@@ -96,15 +96,16 @@ class RunSession:
 
     def list_left_out(self, records: list[ImageRecord]) -> None:
         """List in `left_out.csv`, and say in one line, the slices the run's volumes left out of their series (a
-        size or orientation of their own, a repeated position): never silently dropped."""
+        size or orientation of their own, a repeated position) and those that follow a gap: never silently
+        dropped or filled."""
         rows = left_out_slices(records)
         if not rows or not distributed.is_main_process():
             return
         path = self.store.output_dir / LEFT_OUT_FILE
         with writing(path) as tmp, open(tmp, "w", newline="") as f:
             csv.writer(f).writerows([("volume", "file", "reason"), *rows])
-        print(f"warning: {len(rows)} slices were left out of their series ({rows[0][2]}, ...); listed in {path}",
-              file=sys.stderr)
+        print(f"warning: {len(rows)} slices were left out of their series or follow a gap ({rows[0][2]}, ...); "
+              f"listed in {path}", file=sys.stderr)
 
     def train(self, trainer: Trainer, epochs: int, end_of_epoch: Callable[[int], dict[str, float]],
               train_mode: Callable[[], None]) -> None:

@@ -126,9 +126,10 @@ def slice_header(ds: pydicom.Dataset, path: Path) -> SliceHeader:
 
 
 def assemble_series(headers: list[SliceHeader]) -> tuple[list[SliceHeader], list[tuple[Path, str]]]:
-    """One series' slices in order along its normal, and the slices left out with why: a size or an orientation
-    other than most of the series' (the first such slice in path order decides a tie), or a position another
-    slice already holds."""
+    """One series' slices in order along its normal, and what is listed about them: the slices left out with
+    why (a size or an orientation other than most of the series', the first such slice in path order deciding
+    a tie, or a position another slice already holds), and each slice that follows a gap (read, the gap filled
+    by interpolation)."""
     headers = sorted(headers, key=lambda h: h.path)
     shape = Counter(h.shape for h in headers).most_common(1)[0][0]
     orientation = Counter(h.orientation for h in headers).most_common(1)[0][0]
@@ -149,6 +150,13 @@ def assemble_series(headers: list[SliceHeader]) -> tuple[list[SliceHeader], list
             left_out.append((header.path, f"repeats the position of {ordered[-1].path.name}"))
         else:
             ordered.append(header)
+    places = np.array([h.place(normal) for h in ordered])
+    steps = np.diff(places)
+    for after, step in zip(ordered[1:], steps):
+        if len(steps) > 1 and step > GAP_FACTOR * np.median(steps):
+            usual = float(np.median(steps))
+            left_out.append((after.path, f"follows a gap of {step:.1f} mm where the series steps {usual:.1f} mm "
+                                         f"(about {round(step / usual) - 1} slices missing, interpolated)"))
     return ordered, left_out
 
 

@@ -2,6 +2,7 @@
 study-level labels, bad volumes skipped and listed, the 3-D split BatchNorm against per-group BatchNorm3d, every
 method and each dataset folder's scripts end to end, and exact resume (two-process 3-D SimCLR is in
 tests/test_distributed.py)."""
+import csv
 import json
 import random
 import shutil
@@ -201,6 +202,8 @@ def test_a_missing_slice_is_filled_between_its_neighbours(one_series):
     one_series[2].unlink()
     gap = find_volumes(one_series[0].parent)[0]
     assert len(gap.slices) == len(one_series) - 1
+    assert dict(gap.left_out) == {str(one_series[3]): "follows a gap of 10.0 mm where the series steps 5.0 mm "
+                                                      "(about 1 slices missing, interpolated)"}
     filled = VolumeDataset([gap], geometry, 0)[0][0].float()  # the same grid: the gap's plane interpolated
     torch.testing.assert_close(filled[0, 2], ((full[0, 1] + full[0, 3]) / 2).round(), rtol=0, atol=1)
     torch.testing.assert_close(filled[0, 3:], full[0, 3:])
@@ -323,9 +326,12 @@ def test_rsna_volumes_pretrain_probe_and_list_left_out_slices(rsna_root, tmp_pat
     common = ["--data-root", data, "--split-dir", tmp_path / "splits", *TINY_3D, "--voxel-size", "5", "8", "8"]
     result = run_in_process("RSNA_MoCo", "trainMoCoV2.py", *common, "--output-dir", tmp_path / "pretrain")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "1 slices were left out of their series (orientation differs" in result.stderr
-    listed = (tmp_path / "pretrain" / "left_out.csv").read_text().splitlines()
-    assert len(listed) == 2 and str(first) in listed[1]
+    assert "slices were left out of their series or follow a gap (orientation differs" in result.stderr
+    with open(tmp_path / "pretrain" / "left_out.csv") as f:
+        listed = list(csv.DictReader(f))
+    assert listed[0]["file"] == str(first) and "orientation differs" in listed[0]["reason"]
+    # a slice from the middle of its series leaves a gap behind, listed at the slice after it
+    assert all("follows a gap" in row["reason"] for row in listed[1:]) and len(listed) <= 2
     result = run_in_process("RSNA_MoCo", "MoCov2_downstream.py", *common, "--frozen", "--output-dir",
                             tmp_path / "probe", "--pretrained", tmp_path / "pretrain" / "checkpoint.pth")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -35,7 +35,7 @@ SERIES_SUFFIX = "_series"  # a series' id: its first slice's, marked as a volume
 class VolumeRecord(ImageRecord):
     """One volume: a NIfTI file (`index` (t,) for a frame of a 4-D cine), or a DICOM series whose `slices` are
     its files in order (`path` is the first). `left_out` holds (file, reason) of slices the series could not
-    use."""
+    use, and of those that follow a gap."""
 
     slices: tuple[Path, ...] = ()
     left_out: tuple[tuple[str, str], ...] = ()
