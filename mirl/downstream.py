@@ -35,7 +35,7 @@ from mirl.models import ENCODERS, METHODS, MethodSpec, architecture, build_class
 from mirl.optim import build_scheduler
 from mirl.run_session import RunSession
 from mirl.runtime import prepare_network
-from mirl.spatial import InputSpace, input_space, settled_inputs
+from mirl.spatial import input_space, settled_inputs
 from mirl.splits import load_splits, split_digest, split_files_digest
 from mirl.training import Trainer
 
@@ -82,10 +82,11 @@ def with_chosen_head(state: dict[str, torch.Tensor], prefix: str, head: int) -> 
     return plain
 
 
-def pretrained_encoder(method: MethodSpec,
-                       config: DownstreamConfig) -> tuple[str, dict[str, torch.Tensor], dict | None]:
+def pretrained_encoder(method: MethodSpec, config: DownstreamConfig
+                       ) -> tuple[str, dict[str, torch.Tensor], dict | None, dict[str, object]]:
     """The architecture and encoder weights of a pretraining checkpoint, checked to come from `method` and
-    to match `--arch` when it is given, and its record of the data it was pretrained on (None: an older MIRL)."""
+    to match `--arch` when it is given, its record of the data it was pretrained on (None: an older MIRL), and
+    the volume grid it was pretrained on (`volume_size`, `voxel_size`; empty for an image encoder)."""
     path = config.pretrained
     if path is None or not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; run {method.script} first "
@@ -104,7 +105,8 @@ def pretrained_encoder(method: MethodSpec,
     if config.arch is not None and config.arch != arch:
         raise CheckpointError(f"{path} holds a {arch} encoder but --arch is {config.arch}")
     data = checkpoint.get("data")
-    return arch, encoder, data if isinstance(data, dict) else None
+    grid = {name: checkpoint[name] for name in ("volume_size", "voxel_size") if checkpoint.get(name) is not None}
+    return arch, encoder, data if isinstance(data, dict) else None, grid
 
 
 def check_pretraining_data(config: DownstreamConfig, data: dict | None, test: list[ImageRecord]) -> None:
@@ -124,22 +126,23 @@ def check_pretraining_data(config: DownstreamConfig, data: dict | None, test: li
                               f"{config.data_root}; {advice}")
 
 
-def starting_weights(method: MethodSpec, config: DownstreamConfig, inputs: InputSpace
-                     ) -> tuple[str, dict[str, torch.Tensor] | None, Path | None, dict | None]:
-    """The architecture and the encoder weights a run starts from, the file they came from (the pretrained
-    checkpoint, local torchvision weights with `--resnet --init-weights`, or none: random) and the
-    pretraining's record of its data."""
+def starting_weights(method: MethodSpec, config: DownstreamConfig
+                     ) -> tuple[DownstreamConfig, dict[str, torch.Tensor] | None, Path | None, dict | None]:
+    """The config with the architecture settled (and, for volumes, the grid the encoder was pretrained on where
+    `--volume-size`/`--voxel-size` leave it open), the encoder weights a run starts from, the file they came
+    from (the pretrained checkpoint, local torchvision weights with `--resnet --init-weights`, or none: random)
+    and the pretraining's record of its data."""
     if config.init_weights is not None and not config.resnet:
         raise InputError("--init-weights goes with --resnet; without it the encoder comes from --pretrained")
     if not config.resnet:
-        arch, encoder, data = pretrained_encoder(method, config)
-        check_input_size(arch, inputs.size)
-        return arch, encoder, config.pretrained, data
-    arch = config.arch or DEFAULT_ARCH[config.dims]
-    check_input_size(arch, inputs.size)  # one MIRL can build at this size, or an input error now
+        arch, encoder, data, grid = pretrained_encoder(method, config)
+        if config.dims == 3:
+            config = replace(config, **{name: value for name, value in grid.items() if getattr(config, name) is None})
+        return replace(config, arch=arch), encoder, config.pretrained, data
+    config = replace(config, arch=config.arch or DEFAULT_ARCH[config.dims])
     if config.init_weights is None:
-        return arch, None, None, None
-    return arch, local_weights(config.init_weights, arch), config.init_weights, None
+        return config, None, None, None
+    return config, local_weights(config.init_weights, config.arch), config.init_weights, None
 
 
 def labelled_splits(description: DatasetDescription,
@@ -248,10 +251,10 @@ def downstream(description: DatasetDescription, config: DownstreamConfig) -> Non
     description = description.in_dims(config.dims)
     session = RunSession(config, publish=False)
     device, precision = session.device, session.precision
-    run = settled_inputs(config, description)
+    run, encoder, source, pretraining_data = starting_weights(method, config)
+    run = settled_inputs(run, description)
     inputs = input_space(run, description)
-    arch, encoder, source, pretraining_data = starting_weights(method, run, inputs)
-    run = replace(run, arch=arch)
+    check_input_size(run.arch, inputs.size)  # one MIRL can build at this size, or an input error now
     mode = run.mode
     session.settle_identity(downstream_identity(description, run))
     train, val, test = labelled_splits(description, run)

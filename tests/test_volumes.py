@@ -332,9 +332,14 @@ def test_rsna_volumes_pretrain_probe_and_list_left_out_slices(rsna_root, tmp_pat
     assert listed[0]["file"] == str(first) and "orientation differs" in listed[0]["reason"]
     # a slice from the middle of its series leaves a gap behind, listed at the slice after it
     assert all("follows a gap" in row["reason"] for row in listed[1:]) and len(listed) <= 2
-    result = run_in_process("RSNA_MoCo", "MoCov2_downstream.py", *common, "--frozen", "--output-dir",
+    # without --volume-size and --voxel-size the probe takes the grid the encoder was pretrained on
+    grid = slice(common.index("--volume-size"), common.index("--volume-size") + 4)
+    no_grid = [*common[:grid.start], *common[grid.stop:-4]]
+    result = run_in_process("RSNA_MoCo", "MoCov2_downstream.py", *no_grid, "--frozen", "--output-dir",
                             tmp_path / "probe", "--pretrained", tmp_path / "pretrain" / "checkpoint.pth")
     assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((tmp_path / "probe" / "config.json").read_text())
+    assert (config["volume_size"], config["voxel_size"]) == ([8, 32, 32], [5.0, 8.0, 8.0])
     metrics = json.loads((tmp_path / "probe" / "metrics.json").read_text())
     test_ids = (tmp_path / "splits" / "test.txt").read_text().split()
     assert metrics["test"]["n_images"] == len(test_ids) and all(i.endswith("_series") for i in test_ids)
