@@ -41,8 +41,8 @@ from mirl.imaging import (
 )
 
 HU_RANGE = (-1024, 3071)  # what a CT volume keeps (12-bit CT's range): air below, metal above
-INTENSITIES = ("hu", "grey")  # what a run's volumes hold: CT in HU, or per-volume normalised grey levels 0-255
-PAD_VALUE = {"hu": HU_RANGE[0], "grey": 0}  # outside the scanned field: air, or black
+# what a run's volumes hold ("hu": CT in HU; "grey": grey levels 0-255), and outside the scanned field: air, or black
+PAD_VALUE = {"hu": HU_RANGE[0], "grey": 0}
 GAP_FACTOR = 1.5  # a step between slices this many times the series' usual one is a gap (a missing slice)
 ORIENTATION_DIGITS = 3  # orientations equal to this many decimals are one orientation
 
@@ -150,20 +150,20 @@ def assemble_series(headers: list[SliceHeader]) -> tuple[list[SliceHeader], list
             left_out.append((header.path, f"repeats the position of {ordered[-1].path.name}"))
         else:
             ordered.append(header)
-    places = np.array([h.place(normal) for h in ordered])
-    steps = np.diff(places)
-    for after, step in zip(ordered[1:], steps):
-        if len(steps) > 1 and step > GAP_FACTOR * np.median(steps):
-            usual = float(np.median(steps))
-            left_out.append((after.path, f"follows a gap of {step:.1f} mm where the series steps {usual:.1f} mm "
-                                         f"(about {round(step / usual) - 1} slices missing, interpolated)"))
+    for after, step, usual in slice_gaps(np.array([h.place(normal) for h in ordered])):
+        left_out.append((ordered[after].path, f"follows a gap of {step:.1f} mm where the series steps {usual:.1f} mm "
+                                              f"(about {round(step / usual) - 1} slices missing, interpolated)"))
     return ordered, left_out
 
 
-def slice_gaps(places: np.ndarray) -> int:
-    """How many steps between consecutive slices are gaps (more than GAP_FACTOR x the median step)."""
+def slice_gaps(places: np.ndarray) -> list[tuple[int, float, float]]:
+    """The gaps between slices at `places` (ordered): (index of the slice after it, its step, the usual step) of
+    each step more than GAP_FACTOR x the median one."""
     steps = np.diff(places)
-    return int((steps > GAP_FACTOR * np.median(steps)).sum()) if len(steps) > 1 else 0
+    if len(steps) < 2:
+        return []
+    usual = float(np.median(steps))
+    return [(i + 1, float(step), usual) for i, step in enumerate(steps) if step > GAP_FACTOR * usual]
 
 
 def read_dicom_series(paths: tuple[Path, ...], intensity: str) -> tuple[np.ndarray, tuple[float, float, float]]:

@@ -68,7 +68,7 @@ def record_group(record: ImageRecord) -> str:
 class VolumeFormat:
     """How a dataset reads as volumes (`--dims 3`): its labelled volumes, the volumes pretraining may use
     (None: the labelled ones, or every volume of an unlabelled folder), the default grid (input size in voxels and
-    voxel size in mm, None: each volume fitted whole), what its volumes hold (`mirl.volumes.INTENSITIES`) and the
+    voxel size in mm, None: each volume fitted whole), what its volumes hold ("hu" or "grey", `mirl.volumes`) and the
     modality's recipe family for the 3-D views."""
 
     find_labelled: Callable[[Path], list[ImageRecord]]

@@ -11,6 +11,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ def read_volume(record: ImageRecord, geometry: VolumeGeometry) -> torch.Tensor:
     return resample_volume(values, spacing, geometry)
 
 
-def series_records(headers: list[SliceHeader], stem: callable, labels: dict[Path, np.ndarray] | None
+def series_records(headers: list[SliceHeader], stem: Callable[[Path], str], labels: dict[Path, np.ndarray] | None
                    ) -> list[VolumeRecord]:
     """One record per series among `headers` (slices without a SeriesInstanceUID are one series each), named by
     `stem(first slice)`, labelled with the most of its slices' labels (a finding is in the study when any slice
@@ -72,7 +73,8 @@ def series_records(headers: list[SliceHeader], stem: callable, labels: dict[Path
     return sorted(records, key=lambda r: r.image_id)
 
 
-def headers_or_unreadable(paths: list[Path], stem: callable) -> tuple[list[SliceHeader], list[VolumeRecord]]:
+def headers_or_unreadable(paths: list[Path], stem: Callable[[Path], str]
+                          ) -> tuple[list[SliceHeader], list[VolumeRecord]]:
     """The slice headers of `paths`; a file whose header cannot be read becomes a record of its own that reads
     as unreadable, so a run skips and lists it."""
     headers, unreadable = [], []
