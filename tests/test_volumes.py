@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_one_line_error, run_entry, run_in_process
 
+from mirl import study
 from mirl.cache import open_cache
 from mirl.config import PretrainConfig
 from mirl.datasets import ACDC, ISIC, RSNA, read_rsna_labels
@@ -364,3 +365,20 @@ def test_acdc_volumes_fine_tune_with_a_patient_vote_and_resume_exactly(acdc_root
     assert all(torch.equal(unbroken[k], resumed[k]) for k in unbroken)
     assert (tmp_path / "unbroken" / "metrics.json").read_text().replace("unbroken", "resumed") == \
         (tmp_path / "resumed" / "metrics.json").read_text()
+
+
+@pytest.mark.slow
+def test_a_volume_study_runs_its_grid_and_continues_without_training_again(rsna_root, tmp_path, capsys):
+    argv = ["rsna", "--data-root", str(rsna_root), "--output-dir", str(tmp_path), "--dims", "3", "--arch",
+            "resnet18_3d", "--volume-size", "8", "32", "32", "--fractions", "100", "--methods", "mocov2",
+            "supervised", "--modes", "frozen", "--epochs", "1", "--downstream-epochs", "1", "--batch-size", "4",
+            "--workers", "0", "--device", "cpu"]
+    assert study.main(argv) == 0
+    for run in ("mocov2_frozen_100F_seed0", "supervised_100F_seed0"):
+        config = json.loads((tmp_path / "runs" / run / "config.json").read_text())
+        assert config["dims"] == 3 and config["volume_size"] == [8, 32, 32] and config["voxel_size"] == [5.0, 2.0, 2.0]
+    assert all(i.endswith("_series") for i in (tmp_path / "splits" / "test.txt").read_text().split())
+    assert "| 100 % |" in (tmp_path / "results.md").read_text()
+    capsys.readouterr()
+    assert study.main(argv) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == 2
