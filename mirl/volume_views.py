@@ -108,7 +108,8 @@ def affine_crop_3d(x: torch.Tensor, sides: torch.Tensor, centres: torch.Tensor, 
     source = x.shape[2:]
     out = x.reshape(n * x.shape[1], *source) if x.shape[1] == 1 else x.flatten(0, 1)
     channels = x.shape[1]
-    for axis in (2, 1, 0):  # W, H, D: each product shrinks the volume the next one reads
+    # each product shrinks (or grows) what the next one reads: the axis with the smallest output first costs least
+    for axis in sorted((2, 1, 0), key=lambda a: output[a]):
         matrix = resampling_matrix(source[axis], output[axis], sides[:, axis], centres[:, axis], flips[:, axis])
         matrix = matrix.repeat_interleave(channels, dim=0)
         moved = out.movedim(axis + 1, -1)
