@@ -141,6 +141,40 @@ def make_splits(description: DatasetDescription, records: list[ImageRecord], spl
         atomic_write_text(split_dir / f"{name}.txt", "".join(f"{records[i].image_id}\n" for i in indices))
 
 
+def splits_like(description: DatasetDescription, records: list[ImageRecord], like_description: DatasetDescription,
+                like_records: list[ImageRecord], like: Path, split_dir: Path) -> None:
+    """Split files for `records` that put each patient where the split files in `like` (made for the same data
+    read the other way: its slices for its volumes, or back) put it: the same test and val patients and the
+    same nested fractions, so that a 2-D and a 3-D run compare on the same patients. A patient the `like` files
+    put in two places, or do not name, is an error naming one of its images."""
+    prove_writable(split_dir, "--out")
+    like_splits = load_splits(like_description, like_records, like)
+    by_id = {r.image_id: r for r in like_records}
+    places: dict[str, set[str]] = {}  # patient: the split files naming its images
+    patient_of: dict[str, str] = {}  # a patient's first image, for messages
+    for name, ids in like_splits.items():
+        for image_id in ids:
+            patient = like_description.patient_group(by_id[image_id]) or f"image:{image_id}"
+            places.setdefault(patient, set()).add(name)
+            patient_of.setdefault(patient, image_id)
+    named = {patient: frozenset(names) for patient, names in places.items()}
+    for patient, names in named.items():
+        sides = names & {"test", "val", "train100F"}
+        fractions = sorted(int(n.removeprefix("train").removesuffix("F")) for n in names if n.startswith("train"))
+        if len(sides) != 1 or (fractions and fractions != sorted(f for f in FRACTIONS if f >= fractions[0])):
+            raise DataError(f"{like} puts the patient of {patient_of[patient]} in {', '.join(sorted(names))}: not "
+                            "one side of a nested split (split files made by MIRL keep a patient in one place)")
+    files: dict[str, list[str]] = {name: [] for name in like_splits}
+    for record in progress(records, desc="reading patients for splits", unit="img"):
+        patient = description.patient_group(record) or f"image:{record.image_id}"
+        if patient not in named:
+            raise DataError(f"{like} names no image of the patient of {record.image_id}: made for other data")
+        for name in named[patient]:
+            files[name].append(record.image_id)
+    for name, ids in files.items():
+        atomic_write_text(split_dir / f"{name}.txt", "".join(f"{image_id}\n" for image_id in ids))
+
+
 # what str.splitlines breaks a line at: an image id holding one cannot be one line of a split file
 LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
 
@@ -178,12 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the split files")
     parser.add_argument("--dims", type=int, choices=SPATIAL_DIMS, default=2,
                         help="3: split the dataset's volumes (RSNA series, ACDC ED/ES) for --dims 3 runs")
+    parser.add_argument("--like", type=Path, default=None, metavar="SPLIT_DIR",
+                        help="put each patient where these split files, made for the same data read the other way "
+                             "(slices for volumes, or back), put it: 2-D and 3-D runs then share their patients")
     args = parser.parse_args(argv)
     try:
         description = DATASETS[args.dataset].in_dims(args.dims)
         description.check_root(args.data_root)
         records = description.find_labelled(args.data_root)
-        make_splits(description, records, args.out)
+        if args.like is None:
+            make_splits(description, records, args.out)
+        else:
+            other = DATASETS[args.dataset].in_dims({2: 3, 3: 2}[args.dims])  # the same data read the other way
+            splits_like(description, records, other, other.find_labelled(args.data_root), args.like, args.out)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_one_line_error, run_entry, run_in_process
 
-from mirl import study
+from mirl import splits, study
 from mirl.cache import open_cache
 from mirl.config import PretrainConfig
-from mirl.datasets import ACDC, ISIC, RSNA, read_rsna_labels
+from mirl.datasets import ACDC, DATASETS, ISIC, RSNA, read_rsna_labels
 from mirl.datasets.volumes import VolumeDataset, find_volumes
 from mirl.errors import DataError
 from mirl.moco import SplitBatchNorm3d
@@ -382,3 +382,33 @@ def test_a_volume_study_runs_its_grid_and_continues_without_training_again(rsna_
     capsys.readouterr()
     assert study.main(argv) == 0
     assert capsys.readouterr().out.count("done before, skipped") == 2
+
+
+@pytest.mark.parametrize("dataset", ["rsna", "acdc"])
+def test_volume_splits_made_like_the_slice_splits_hold_the_same_patients(rsna_root, acdc_root, tmp_path, dataset):
+    root = {"rsna": rsna_root, "acdc": acdc_root}[dataset]
+    assert splits.main([dataset, "--data-root", str(root), "--out", str(tmp_path / "2d")]) == 0
+    assert splits.main([dataset, "--data-root", str(root), "--out", str(tmp_path / "3d"), "--dims", "3", "--like",
+                        str(tmp_path / "2d")]) == 0
+    description = DATASETS[dataset]
+    slices = {r.image_id: r for r in description.find_labelled(root)}
+    volumes = {r.image_id: r for r in description.in_dims(3).find_labelled(root)}
+
+    def patients(kind: str, name: str) -> set:
+        records, ids = (slices, volumes)[kind == "3d"], splits.read_split(tmp_path / kind / f"{name}.txt")
+        return {description.patient_group(records[i]) for i in ids}
+    for name in splits.split_file_names():
+        name = name.removesuffix(".txt")
+        assert patients("2d", name) == patients("3d", name), name
+    assert sum(len(splits.read_split(tmp_path / "3d" / f"{n}.txt")) for n in ("test", "val", "train100F")) == \
+        len(volumes)
+
+
+def test_volume_splits_refuse_slice_splits_that_divide_a_patient(rsna_root, tmp_path, capsys):
+    assert splits.main(["rsna", "--data-root", str(rsna_root), "--out", str(tmp_path / "2d")]) == 0
+    moved = splits.read_split(tmp_path / "2d" / "test.txt")[0]
+    with open(tmp_path / "2d" / "val.txt", "a") as f:
+        f.write(f"{moved}\n")
+    assert splits.main(["rsna", "--data-root", str(rsna_root), "--out", str(tmp_path / "3d"), "--dims", "3",
+                        "--like", str(tmp_path / "2d")]) == 2
+    assert "in test, val: not one side of a nested split" in capsys.readouterr().err
