@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, AugmentRecipe, view_recipe
 from mirl.cache import dataset_images, open_cache
-from mirl.config import SPATIAL_DIMS
+from mirl.config import SPATIAL_DIMS, RunConfig
 from mirl.datasets import DATASETS, DatasetDescription, ImageRecord, decode_record
 from mirl.edge import guarded
 from mirl.encoders import architecture
@@ -69,10 +69,9 @@ from mirl.pretrain import build_optimizer, training_recipe
 from mirl.pretraining_method import PretrainingMethod
 from mirl.runtime import precision_name, prepare_network, resolve_device, resolve_precision
 from mirl.sample_data import write_rsna
-from mirl.spatial import InputSpace
+from mirl.spatial import InputSpace, input_space, settled_inputs
 from mirl.teacher import momentum_teachers
 from mirl.training import TrainingStep
-from mirl.volumes import VolumeGeometry
 
 
 def pil_views(recipe: AugmentRecipe, size: int) -> T.Compose:
@@ -223,7 +222,7 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
     description = DATASETS[args.dataset].in_dims(args.dims)
     data_root = data_root.resolve()  # as the cache names its images
     records = dataset_images(description, data_root)
-    inputs = benchmark_inputs(args, description)
+    inputs = benchmark_inputs(args, description, data_root)
     views = method_views(args.method, args.arch, args.image_size)
     # 2-D: the papers' recipes, as the reference path augments; volumes: the modality's (there is no reference)
     augments = [inputs.training_view(view, "paper" if args.dims == 2 else description.augment) for view in views]
@@ -323,15 +322,13 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
     }
 
 
-def benchmark_inputs(args: argparse.Namespace, description: DatasetDescription) -> InputSpace:
+def benchmark_inputs(args: argparse.Namespace, description: DatasetDescription, data_root: Path) -> InputSpace:
     """The benchmark's inputs: images of --image-size, or volumes on the dataset's grid (or --volume-size and
-    --voxel-size)."""
-    if args.dims == 2:
-        return InputSpace(args.image_size)
-    volumes = description.volumes
-    return InputSpace(args.image_size, VolumeGeometry(tuple(args.volume_size or volumes.size),
-                                                      tuple(args.voxel_size or volumes.voxel_size or ()) or None,
-                                                      volumes.intensity))
+    --voxel-size), settled as a run settles them."""
+    config = settled_inputs(RunConfig(data_root=data_root, output_dir=data_root, split_dir=data_root,
+                                      image_size=args.image_size, dims=args.dims, volume_size=args.volume_size,
+                                      voxel_size=args.voxel_size), description)
+    return input_space(config, description)
 
 
 def voxels(size: int | tuple[int, ...]) -> int:

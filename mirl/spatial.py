@@ -2,8 +2,8 @@
 
 A run's `InputSpace` (from `--dims`, `--image-size` and, for volumes, `--volume-size`/`--voxel-size`) names the
 records' dataset (`ImageDataset` or `VolumeDataset`), the training and evaluation views (`mirl.augment` or
-`mirl.volume_views`), the encoder's input (for `check_input_size`), the memory layout (channels_last or
-channels_last_3d) and what a decoded cache stores. Everything else (methods, losses, momentum teachers, queues,
+`mirl.volume_views`), the encoder's input (for `check_input_size`), `spatial_dims` (which picks channels_last
+or channels_last_3d) and what a decoded cache stores. Everything else (methods, losses, momentum teachers, queues,
 optimizers, the loop, splits, metrics, the run identity) is the same code for both, as MONAI's `spatial_dims`
 picks 2-D or 3-D layers and leaves the rest alone.
 """
@@ -77,10 +77,6 @@ class InputSpace:
         return volume_evaluation_view(images, self.volume.size, self.volume.intensity)
 
     @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.volume is None else torch.channels_last_3d
-
-    @property
     def stored_item(self) -> tuple[tuple[int, ...], np.dtype]:
         """The shape and type of one decoded image or volume as a cache stores it."""
         if self.volume is None:
@@ -91,9 +87,7 @@ class InputSpace:
         """What a decoded cache's key holds of the inputs (a 2-D cache's key is as it always was)."""
         if self.volume is None:
             return {"image_size": self.image_size, "source_side": source_side(self.image_size)}
-        return {"dims": 3, "volume_size": list(self.volume.size), "voxel_size": self.volume.voxel_size and
-                list(self.volume.voxel_size), "intensity": self.volume.intensity,
-                "source_shape": list(self.volume.source_shape)}
+        return self.describe()
 
     def cache_name(self) -> str:
         """How a cache folder names the inputs: `224px`, `32x128x128vox`."""

@@ -156,6 +156,7 @@ class VolumeAugment(torch.nn.Module):
     def __init__(self, recipe: VolumeRecipe, output: tuple[int, int, int], intensity: str) -> None:
         super().__init__()
         self.recipe, self.output, self.window = recipe, tuple(output), window_for(intensity)
+        self.ct = intensity == "hu"  # CT's jitter moves its window; other volumes' moves their grey levels
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         r, n, device = self.recipe, volumes.shape[0], volumes.device
@@ -178,7 +179,7 @@ class VolumeAugment(torch.nn.Module):
         (with the jitter's probability)."""
         r, n = self.recipe, x.shape[0]
         level, width = self.window
-        if r.width <= 0 and r.level <= 0 or self.window != CT_WINDOW:
+        if not self.ct or r.width <= 0 and r.level <= 0:
             return to_unit_range(x, level, width)
         apply = torch.rand(n, 1, 1, 1, 1, device=x.device) < r.jitter_p
         widths = torch.where(apply, width * self._uniform(n, 1 - r.width, 1 + r.width, x.device), width)
@@ -189,7 +190,7 @@ class VolumeAugment(torch.nn.Module):
         """MR and grey intensity jitter per volume: scale, contrast, offset and gamma in a random order, each
         step clamped to [0, 1] (CT's jitter is its window's)."""
         r, n, device = self.recipe, x.shape[0], x.device
-        if r.jitter_p <= 0 or self.window == CT_WINDOW:
+        if r.jitter_p <= 0 or self.ct:
             return x
         apply = torch.rand(n, 1, 1, 1, 1, device=device) < r.jitter_p
         steps = []

@@ -181,9 +181,10 @@ def read_dicom_series(paths: tuple[Path, ...], intensity: str) -> tuple[np.ndarr
         spacing = header_value(ds, "PixelSpacing", None)
         if spacing is not None and len(spacing) == 2:
             pixel_spacing = (float(spacing[0]), float(spacing[1]))
+        slice_is_ct = is_grey_ct(ds)
+        ct = ct and slice_is_ct
         try:
-            ct = ct and is_grey_ct(ds)
-            plane = hounsfield_units(ds) if is_grey_ct(ds) else decode_frame(ds, middle_frame(ds)).astype(np.float32)
+            plane = hounsfield_units(ds) if slice_is_ct else decode_frame(ds, middle_frame(ds)).astype(np.float32)
         except UnreadableImageError as error:
             raise UnreadableImageError(f"{path.name}: {error}") from None
         if plane.ndim != 2:
