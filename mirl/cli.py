@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from mirl.codecs import codec_flag
 from mirl.config import (
     AUGMENT_STYLES,
     CHECKPOINT_NAME,
@@ -105,6 +106,10 @@ def _common_arguments(parser: argparse.ArgumentParser, folder: Path, epochs_help
     parser.add_argument("--cache", type=Path, default=None,
                         help="folder of decoded-image caches (mirl.cache): built on first use, then read "
                              "instead of decoding every image every epoch")
+    parser.add_argument("--codec", type=codec_flag, default=RunConfig.codec,
+                        help="how --cache stores them: raw (a memory-mapped array, default), or compressed in shards "
+                             "that each torchrun rank reads its own of: zstd[:LEVEL], png[:LEVEL], "
+                             "webp[:QUALITY|lossless], jpeg[:QUALITY] (decoded on the GPU there)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="channels_last memory format (faster convolutions on GPUs and oneDNN CPUs)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (slow first steps)")

@@ -16,13 +16,17 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, TypeVar
 
+from mirl.codecs import IMAGE_CODECS, parse_codec
+from mirl.errors import InputError
+
 AnyConfig = TypeVar("AnyConfig", bound="RunConfig")
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 # The fields of a config that change neither what a run trains nor what it measures: where it writes and what
 # it continues from, how fast it goes (loader processes, device, decoded-image cache, memory format,
 # compilation) and how it keeps its states; and `transfer`, which only allows a check to pass. Every other
-# field, a method's options included, is part of the run identity; of the split folder, its files' contents are
+# field, a method's options included, is part of the run identity (the codec when it is not raw: a lossy one
+# changes the pixels, a sharded store the epoch order); of the split folder, its files' contents are
 # (`splits`, added by the run), not its path.
 OUTSIDE_IDENTITY = ("output_dir", "resume", "workers", "device", "cache", "channels_last", "compile", "save_every",
                     "save_minutes", "keep", "keep_states", "transfer", "script", "split_dir")
@@ -68,6 +72,7 @@ class RunConfig:
     keep: int = 2
     keep_states: bool = False  # keep the training states once the run has published its result
     cache: Path | None = None
+    codec: str = "raw"  # how --cache stores items (`mirl.codecs`): raw, or a compressed, sharded store
     channels_last: bool = True
     compile: bool = False
     labels: Path | None = None
@@ -83,6 +88,13 @@ class RunConfig:
                 object.__setattr__(self, name, value.resolve())
             if isinstance(value, list):  # a shape from a flag or a config.json: held as the tuple it is
                 object.__setattr__(self, name, tuple(value))
+        codec = parse_codec(self.codec)  # its full spelling (`jpeg` -> `jpeg:95`): one codec, one identity
+        object.__setattr__(self, "codec", str(codec))
+        if not codec.is_raw and self.cache is None:
+            raise InputError(f"--codec {codec} says how --cache stores the decoded images; pass --cache DIR with it")
+        if codec.name in IMAGE_CODECS and self.dims == 3:
+            raise InputError(f"--codec {codec.name} stores 8-bit 2-D images; volumes (--dims 3, int16) take "
+                             "--codec zstd or raw")
 
     @classmethod
     def from_flags(cls: type[AnyConfig], flags: Mapping[str, object]) -> AnyConfig:
@@ -100,7 +112,8 @@ class RunConfig:
         encoder it starts from) and compares the whole on resume; a study compares it before reusing."""
         values = {f.name: getattr(self, f.name) for f in fields(self)
                   if f.name not in OUTSIDE_IDENTITY and f.name != "options"
-                  and not (self.dims == 2 and f.name in VOLUME_FIELDS)}
+                  and not (self.dims == 2 and f.name in VOLUME_FIELDS) and not (f.name == "codec" and
+                                                                               self.codec == "raw")}
         values.update(getattr(self, "options", {}))
         return json_values(values)
 

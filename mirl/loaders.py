@@ -25,11 +25,19 @@ class EpochSampler(Sampler[int]):
     With `partners` (each index's candidate partners, `mirl.positives`), it yields (anchor, partner) pairs,
     each partner drawn from the anchor's candidates from the same (seed, epoch) stream; an anchor without
     candidates is its own partner. `indices` are the anchors either way.
+
+    With `shards` (the store shard of each index, `mirl.shards`), a pass deals whole shards to ranks instead: the
+    shards in a (seed, epoch) order, every world_size-th to a rank, each rank's images then in an order of their
+    own; partners come from the rank's shards only (a patient's images share a shard). So each rank reads its own
+    disjoint part of the store, and all ranks together read all of it once per pass. Shares are made equal as
+    above (padded with the rank's own images by wrapping, or cut with `drop_last`). Fewer shards than ranks (a
+    small label fraction): images are dealt one by one, as without shards.
     """
 
     def __init__(self, size: int, seed: int, drop_last: bool, passes: int = 1,
-                 partners: list[list[int]] | None = None) -> None:
+                 partners: list[list[int]] | None = None, shards: np.ndarray | None = None) -> None:
         self.size, self.seed, self.drop_last, self.passes, self.partners = size, seed, drop_last, passes, partners
+        self.shards = shards
         self.indices, self.paired_with = self.draw(0)
 
     def order(self, epoch: int) -> list[int]:
@@ -39,6 +47,8 @@ class EpochSampler(Sampler[int]):
     def draw(self, epoch: int) -> tuple[list[int], list[int] | None]:
         """This rank's anchors of `epoch` and, when pairing, their partners."""
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        if self.shards is not None and len(np.unique(self.shards)) >= world_size():
+            return self.draw_shards(generator)
         permutation = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(self.passes)])
         partners = None
         if self.partners is not None:  # drawn for the whole order before sharding: the same for any world size
@@ -54,6 +64,29 @@ class EpochSampler(Sampler[int]):
             if partners is not None:
                 partners = partners.repeat(repeats)[:share * world][this_rank::world]
         return permutation.tolist(), None if partners is None else partners.tolist()
+
+    def draw_shards(self, generator: torch.Generator) -> tuple[list[int], list[int] | None]:
+        """This rank's anchors (and partners) of an epoch whose passes deal whole shards to ranks."""
+        world, this_rank = world_size(), rank()
+        names, members = np.unique(self.shards, return_inverse=True)
+        by_shard = [np.flatnonzero(members == i) for i in range(len(names))]
+        anchors: list[int] = []
+        partners: list[int] | None = None if self.partners is None else []
+        for _ in range(self.passes):
+            order = torch.randperm(len(names), generator=generator).tolist()
+            # every rank draws every rank's order from the one stream, so all agree on the shares' sizes
+            shares = [np.concatenate([by_shard[i] for i in order[r::world]]) for r in range(world)]
+            shares = [share[torch.randperm(len(share), generator=generator).numpy()] for share in shares]
+            draws = [torch.randint(0, 2 ** 31 - 1, (len(share),), generator=generator) for share in shares]
+            length = min(map(len, shares)) if self.drop_last else max(map(len, shares))
+            mine = np.resize(shares[this_rank], length)  # padded by wrapping, or cut
+            anchors += mine.tolist()
+            if partners is not None:
+                readable_here = set(shares[this_rank].tolist())
+                for i, draw in zip(mine.tolist(), np.resize(draws[this_rank].numpy(), length).tolist()):
+                    candidates = [j for j in self.partners[i] if j in readable_here]
+                    partners.append(candidates[draw % len(candidates)] if candidates else i)
+        return anchors, partners
 
     def start(self, epoch: int, first: int = 0) -> None:
         indices, partners = self.draw(epoch)
@@ -84,13 +117,50 @@ def _ignore_interrupts(worker_id: int) -> None:
 def make_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool, drop_last: bool,
                 seed: int, passes: int = 1, partners: list[list[int]] | None = None) -> DataLoader:
     """A loader of uint8 batches. Shuffled loaders draw their order from an `EpochSampler` (of `passes`
-    passes over the data per epoch, in pairs with `partners`); workers only decode files (all random
-    augmentation happens in the main process, from saved generators)."""
-    sampler = EpochSampler(len(dataset), seed, drop_last, passes, partners) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                      worker_init_fn=_ignore_interrupts if workers > 0 else None,
-                      generator=torch.Generator().manual_seed(seed))
+    passes over the data per epoch, in pairs with `partners`, whole shards to each rank when the dataset reads a
+    sharded store); workers only read and decode (all random augmentation happens in the main process, from
+    saved generators). When the dataset's store hands items over encoded (`decode_on`), the workers only read
+    bytes and each batch decodes on that device (`DeviceDecodingLoader`)."""
+    shards = dataset.item_shards() if hasattr(dataset, "item_shards") else None
+    sampler = EpochSampler(len(dataset), seed, drop_last, passes, partners, shards) if shuffle else None
+    decode_on = getattr(dataset, "decode_on", None)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                        worker_init_fn=_ignore_interrupts if workers > 0 else None,
+                        collate_fn=collate_encoded if decode_on is not None else None,
+                        generator=torch.Generator().manual_seed(seed))
+    return loader if decode_on is None else DeviceDecodingLoader(loader)
+
+
+def collate_encoded(items: list[tuple]) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """A batch of encoded items, which differ in length: listed (a pair's two items one after the other), with the
+    labels and readable flags stacked."""
+    images = [part for image, _, _ in items for part in (image if isinstance(image, list) else [image])]
+    return images, torch.stack([labels for _, labels, _ in items]), torch.tensor([ok for _, _, ok in items])
+
+
+class DeviceDecodingLoader:
+    """A loader whose batches arrive encoded and leave decoded on the store's device: one batched nvJPEG call per
+    batch on a GPU, so the workers only read bytes and are not the limit. It passes on the loader's sampler,
+    dataset and length, so the training loop takes it as the loader it wraps."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.sampler, self.dataset, self.batch_size = loader.sampler, loader.dataset, loader.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for items, labels, ok in self.loader:
+            pairs = len(items) // len(ok)
+            images, decoded = self.dataset.decode_batch(items, ok.repeat_interleave(pairs))
+            if pairs > 1:  # a pair is readable when its anchor is; an undecodable partner becomes the anchor
+                images = images.view(len(ok), pairs, *images.shape[1:])
+                decoded = decoded.view(len(ok), pairs)
+                images[:, 1][~decoded[:, 1]] = images[:, 0][~decoded[:, 1]]
+                decoded = decoded[:, 0]
+            yield images, labels, ok & decoded
 
 
 def readable_batch(images: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -81,7 +82,19 @@ class PairedImages(Dataset):
         anchor, partner = pair
         image, labels, readable = self.images[anchor]
         other, _, other_readable = self.images[partner] if partner != anchor else (image, labels, readable)
-        return torch.stack([image, other if other_readable else image]), labels, readable
+        pair = [image, other if other_readable else image]
+        # encoded items (decoded a batch at a time on the device) differ in length: the loader keeps them listed
+        return (pair if self.decode_on is not None else torch.stack(pair)), labels, readable
 
     def why_unreadable(self, index: int) -> str:
         return self.images.why_unreadable(index)
+
+    def item_shards(self) -> np.ndarray | None:
+        return self.images.item_shards()
+
+    @property
+    def decode_on(self):
+        return self.images.decode_on
+
+    def decode_batch(self, items: list[torch.Tensor], ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images.decode_batch(items, ok)

@@ -60,9 +60,13 @@ class RunSession:
 
     def cache_then_seed(self, description: DatasetDescription, run: RunConfig,
                         inputs: InputSpace) -> DecodedImages | None:
-        """The decoded-image cache (`--cache`), then the seed: building a cache must not move the random streams
-        that the seed sets for training."""
-        cache = open_cache(description, run.data_root, inputs, run.cache, run.workers) if run.cache else None
+        """The decoded-image cache (`--cache`, stored as `--codec` says), then the seed: building a cache must not
+        move the random streams that the seed sets for training. On a GPU a JPEG store hands its items over
+        encoded, and batches decode there (nvJPEG), so the loader's workers only read bytes."""
+        cache = None
+        if run.cache:
+            cache = open_cache(description, run.data_root, inputs, run.cache, run.workers, run.codec)
+            cache = cache.decoding_on(self.device if self.device.type == "cuda" else None)
         seed_everything(run.seed, run.deterministic)
         return cache
 

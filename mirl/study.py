@@ -26,6 +26,7 @@ from scipy import stats
 
 from mirl.checkpoints import CheckpointStore, newest_intact_state
 from mirl.cli import bound_dataset
+from mirl.codecs import codec_flag
 from mirl.config import (
     AUGMENT_STYLES,
     SPATIAL_DIMS,
@@ -430,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-size", type=positive_int, default=None,
                         help="MoCo queue (default: the scripts' rule, a power of two <= images / 4)")
     parser.add_argument("--cache", type=Path, default=None, help="decoded-image cache folder shared by all runs")
+    parser.add_argument("--codec", type=codec_flag, default="raw",
+                        help="how --cache stores the images: raw, or a compressed, sharded store (jpeg:95, zstd, ...)")
     parser.add_argument("--keep-states", action="store_true",
                         help="keep each finished run's training states (default: removed once it has published)")
     parser.add_argument("--labels", type=Path, default=None,
@@ -446,9 +449,9 @@ def run_study(args: argparse.Namespace) -> None:
     the study with its exit status."""
     # the labels are read once here, so a bad CSV stops the study with one line before any training
     shared = dict(data_root=args.data_root, split_dir=args.split_dir or args.output_dir / "splits",
-                  image_size=args.image_size, device=args.device, cache=args.cache, labels=args.labels,
-                  group_column=args.group_column, resume="auto", keep_states=args.keep_states, dims=args.dims,
-                  volume_size=args.volume_size, voxel_size=args.voxel_size,
+                  image_size=args.image_size, device=args.device, cache=args.cache, codec=args.codec,
+                  labels=args.labels, group_column=args.group_column, resume="auto", keep_states=args.keep_states,
+                  dims=args.dims, volume_size=args.volume_size, voxel_size=args.voxel_size,
                   **({"workers": args.workers} if args.workers is not None else {}))
     description = bound_dataset(args.dataset, RunConfig(output_dir=args.output_dir, **shared))
     # a volume study's grid settled once, so every run (and a run reused) records the same one

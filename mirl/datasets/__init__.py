@@ -22,6 +22,8 @@ from mirl.datasets.records import (
            find_images,
            image_kinds,
            record_group,
+           source_files,
+           source_key,
            square_uint8,
 )
 from mirl.datasets.rsna import RSNA, RSNA_CLASSES, read_rsna_labels
@@ -29,6 +31,7 @@ from mirl.datasets.rsna import RSNA, RSNA_CLASSES, read_rsna_labels
 DATASETS: dict[str, DatasetDescription] = {"rsna": RSNA, "isic": ISIC, "acdc": ACDC}
 
 __all__ = ["ACDC", "ACDC_CLASSES", "DATASETS", "ISIC", "ISIC_CLASSES", "RSNA", "RSNA_CLASSES", "DatasetDescription",
+           "source_files", "source_key",
            "DecodedImages", "ImageDataset", "ImageRecord", "decode_record", "find_images", "image_kinds",
            "read_info_cfg",
            "read_label_csv", "read_rsna_labels", "record_group", "square_uint8", "with_label_csv"]

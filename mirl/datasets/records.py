@@ -2,6 +2,7 @@
 one torch Dataset that reads pixels of every format."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,6 +47,20 @@ def decode_record(record: ImageRecord) -> np.ndarray:
     if kind == "dicom":
         return read_dicom_image(record.path)
     return read_photo(record.path)
+
+
+def source_key(record: ImageRecord) -> str:
+    """How a cache names one source image: its file and, for a volume, the slice and frame; a DICOM series by its
+    first file and a digest of all of them."""
+    slices = getattr(record, "slices", ())
+    if slices:
+        return f"{record.path}#series-{hashlib.sha256('|'.join(map(str, slices)).encode()).hexdigest()[:12]}"
+    return f"{record.path}#{record.index}" if record.index else str(record.path)
+
+
+def source_files(record: ImageRecord) -> tuple[Path, ...]:
+    """Every file a record's pixels come from."""
+    return getattr(record, "slices", ()) or (record.path,)
 
 
 def image_kind(path: Path) -> str:
@@ -193,12 +208,28 @@ class DecodingDataset(Dataset):
             return self.blank(), labels, False
 
     def why_unreadable(self, index: int) -> str:
-        """The reader's reason for a record that came out unreadable (decoded again: bad files are rare)."""
+        """The reader's reason for a record that came out unreadable (decoded again: bad files are rare), else
+        the cache's (a damaged item of a compressed store)."""
         try:
             self.decode(self.records[index])
         except Exception as error:
             return str(error) or type(error).__name__
-        return "unreadable in the decoded-image cache"
+        return self.cache.why_unreadable(int(self.cache_rows[index])) if self.cache is not None \
+            else "unreadable when first read"
+
+    def item_shards(self) -> np.ndarray | None:
+        """The store shard each record is read from (-1: decoded from its file), None unless the cache is a
+        sharded store: a loader's order then gives each rank whole shards (`mirl.loaders.EpochSampler`)."""
+        return None if self.cache is None else self.cache.shard_of(self.cache_rows)
+
+    @property
+    def decode_on(self):
+        """The device a batch's encoded items decode on (`mirl.shards`), None when items arrive decoded."""
+        return None if self.cache is None else self.cache.decode_on
+
+    def decode_batch(self, items: list[torch.Tensor], ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of items read encoded, decoded on `decode_on` (N x C x S x S there) and which of them are ok."""
+        return self.cache.decode_batch(items, ok)
 
 
 class ImageDataset(DecodingDataset):
@@ -223,13 +254,22 @@ class ImageDataset(DecodingDataset):
 
 class DecodedImages(Protocol):
     """Images decoded once and stored, which an `ImageDataset` reads instead of the files
-    (`mirl.cache.DecodedImageCache`)."""
+    (`mirl.cache.DecodedImageCache`, `mirl.shards.ShardedImageStore`)."""
+
+    decode_on: object  # None, or the device a batch of encoded items decodes on
 
     def row(self, record: ImageRecord) -> int | None:
         """Where the record's image is stored; None when it is not."""
 
     def read(self, row: int) -> tuple[torch.Tensor, bool]:
-        """The stored C x S x S uint8 image and whether its source could be read."""
+        """The stored C x S x S uint8 image (or its encoded bytes, when `decode_on` is a device) and whether its
+        source could be read."""
+
+    def shard_of(self, rows: np.ndarray) -> np.ndarray | None:
+        """The shard of each row, None when the images are not stored in shards."""
+
+    def why_unreadable(self, row: int) -> str:
+        """Why a stored image whose source reads well came out unreadable."""
 
 
 def square_uint8(array: np.ndarray, side: int) -> torch.Tensor:
