@@ -49,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, AugmentRecipe, view_recipe
 from mirl.cache import dataset_images, open_cache
+from mirl.codecs import codec_flag
 from mirl.config import SPATIAL_DIMS, RunConfig
 from mirl.datasets import DATASETS, DatasetDescription, ImageRecord, decode_record
 from mirl.edge import guarded
@@ -235,12 +236,16 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
         decoded[int(next(picks))]
         return 1
     decode_per_s = timed_rates({"decode": decode_one}, 2, min(len(records), 200), torch.device("cpu"))["decode"]
-    cache = open_cache(description, data_root, inputs, cache_root, args.workers)
+    cache = open_cache(description, data_root, inputs, cache_root, args.workers, args.codec)
 
     def read_one() -> int:
         cache.read(int(next(picks)))
         return 1
-    cache_read_per_s = timed_rates({"read": read_one}, 2, 5000, torch.device("cpu"))["read"]
+    cache_read_per_s = timed_rates({"read": read_one}, 2, 2000, torch.device("cpu"))["read"]
+    store = store_figures(cache, decoded, records)
+    if args.store_only:
+        return {**store, "cache_read_per_s": cache_read_per_s, "decode_per_s": decode_per_s, "images": len(records),
+                "unit": "items", "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
 
     # the ceiling (steps on views already on the device) and the real path (cache, loader, augmentation
     # on the device) on the same model, measured in alternating blocks
@@ -252,7 +257,9 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
     fixed_views = tuple(augment(first).contiguous() for augment in augments)
     model_step = contrastive_step(model, args.method, args.arch, args.batch_size, device, precision,
                                   lambda _: fixed_views)
-    loader = make_loader(inputs.dataset(records, 0, cache), args.batch_size, args.workers,
+    # on a GPU a JPEG store hands batches over encoded and they decode there (nvJPEG), as in a run
+    loader = make_loader(inputs.dataset(records, 0, cache.decoding_on(device if device.type == "cuda" else None)),
+                         args.batch_size, args.workers,
                          shuffle=True, drop_last=True, seed=0)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
     pipeline_step = contrastive_step(model, args.method, args.arch, args.batch_size, device, precision,
@@ -305,6 +312,7 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
         "speedup_vs_baseline": pipeline_per_s / baseline_per_s if baseline_per_s else None,
         "decode_per_s": decode_per_s,
         "cache_read_per_s": cache_read_per_s,
+        **store,
         "cache_vs_decode": cache_read_per_s / decode_per_s,
         "peak_memory_mb": peak_memory,
         "unit": f"{'image' if args.dims == 2 else 'volume'} pairs/s" if len(views) == 2
@@ -320,6 +328,28 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "images": len(records),
     }
+
+
+def store_figures(cache: object, decoded: Dataset, records: list[ImageRecord], sample: int = 100) -> dict:
+    """What the store costs and keeps: its codec, bytes per item on disk, and on up to `sample` items its fidelity
+    to the uncompressed decode (PSNR of 8-bit images, mean and lowest; the largest grey-level error)."""
+    rows = [cache.row(record) for record in records]
+    on_disk = sum(cache.shard_bytes) if hasattr(cache, "shard_bytes") else cache.images.nbytes
+    errors, psnrs = [], []
+    for index in np.linspace(0, len(records) - 1, min(sample, len(records))).astype(int):
+        stored, readable = cache.read(rows[index])
+        if not readable:
+            continue
+        reference = decoded[int(index)][0].numpy().astype(np.float64)
+        difference = stored.numpy().astype(np.float64) - reference
+        errors.append(float(np.abs(difference).max()))
+        mse = float(np.mean(difference ** 2))
+        psnrs.append(math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse))
+    return {"codec": str(getattr(cache, "codec", "raw")), "store_kb_per_item": on_disk / len(records) / 1024,
+            "shards": len(getattr(cache, "shards", [])) or None,
+            "psnr_mean_db": float(np.mean(psnrs)) if psnrs else None,
+            "psnr_min_db": float(np.min(psnrs)) if psnrs else None,
+            "max_error": max(errors, default=None)}
 
 
 def benchmark_inputs(args: argparse.Namespace, description: DatasetDescription, data_root: Path) -> InputSpace:
@@ -340,15 +370,28 @@ def shown_size(size: int | tuple[int, ...]) -> str:
     return f"{size} px" if isinstance(size, int) else f"{'x'.join(map(str, size))} voxels"
 
 
-def side_by_side(by_method: dict[str, dict]) -> str:
-    """A table of several methods' rates, per image and per view."""
-    lines = ["| method | views | images/s | views/s | model-only views/s | efficiency | input pixels vs 2 views |",
-             "|---|---|---|---|---|---|---|"]
-    for method, figures in by_method.items():
-        lines.append(f"| {method} | {len(figures['views'])} | {figures['pipeline_per_s']:.1f} | "
-                     f"{figures['views_per_s']:.1f} | {figures['model_only_views_per_s']:.1f} | "
-                     f"{figures['efficiency']:.2f} | {figures['pixels_vs_two_views']:.2f} |")
+def side_by_side(runs: dict[str, dict]) -> str:
+    """A table of several methods' or stores' figures: per image and per view, or a store's bytes and fidelity."""
+    if all("pipeline_per_s" not in figures for figures in runs.values()):
+        lines = ["| codec | KB per item | PSNR mean dB | PSNR min dB | max grey error | read+decode per core /s |",
+                 "|---|---|---|---|---|---|"]
+        for figures in runs.values():
+            lines.append(f"| {figures['codec']} | {figures['store_kb_per_item']:.1f} | "
+                         f"{shown_db(figures['psnr_mean_db'])} | {shown_db(figures['psnr_min_db'])} | "
+                         f"{figures['max_error']:.0f} | {figures['cache_read_per_s']:.0f} |")
+        return "\n".join(lines)
+    lines = ["| method | codec | views | images/s | views/s | model-only views/s | efficiency | KB per item | "
+             "input pixels vs 2 views |", "|---|---|---|---|---|---|---|---|---|"]
+    for figures in runs.values():
+        lines.append(f"| {figures['settings']['method']} | {figures['codec']} | {len(figures['views'])} | "
+                     f"{figures['pipeline_per_s']:.1f} | {figures['views_per_s']:.1f} | "
+                     f"{figures['model_only_views_per_s']:.1f} | {figures['efficiency']:.2f} | "
+                     f"{figures['store_kb_per_item']:.1f} | {figures['pixels_vs_two_views']:.2f} |")
     return "\n".join(lines)
+
+
+def shown_db(value: float | None) -> str:
+    return "-" if value is None else "lossless" if math.isinf(value) else f"{value:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="rsna")
     parser.add_argument("--data-root", type=Path, default=None, help="default: sample RSNA DICOMs in a temp folder")
     parser.add_argument("--cache", type=Path, default=None, help="default: a temp folder")
+    parser.add_argument("--codec", type=codec_flag, nargs="+", default=["raw"],
+                        help="how the cache stores images: raw, or compressed stores (jpeg:95 zstd ...), each "
+                             "measured in turn on the same data (side by side)")
+    parser.add_argument("--store-only", action="store_true",
+                        help="only each store's bytes, fidelity and read rate (no training steps)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -389,11 +437,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 DATASETS[args.dataset].check_root(data_root)
             cache = args.cache or Path(scratch) / "cache"
-            by_method = {method: run_benchmark(argparse.Namespace(**{**vars(args), "method": method}), data_root,
-                                               cache) for method in args.method}
-        results = by_method[args.method[0]] if len(by_method) == 1 else by_method
-        if len(by_method) > 1:
-            print(side_by_side(by_method))
+            runs = {f"{method} {codec}": run_benchmark(argparse.Namespace(**{**vars(args), "method": method,
+                                                                             "codec": codec}), data_root, cache)
+                    for method in args.method for codec in args.codec}
+        results = next(iter(runs.values())) if len(runs) == 1 else runs
+        if len(runs) > 1:
+            print(side_by_side(runs))
         text = json.dumps(results, indent=2)
         if args.json:
             args.json.write_text(text + "\n")

@@ -22,6 +22,7 @@ from mirl.config import (
     FRACTIONS,
     POSITIVES,
     SPATIAL_DIMS,
+    AnyConfig,
     DownstreamConfig,
     PretrainConfig,
     RunConfig,
@@ -287,17 +288,27 @@ def default_folders(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]
     return (runs, splits) if args.dims == 2 else (runs / "3d", splits / "3d")
 
 
+def settled_flags(parser: argparse.ArgumentParser, kind: type[AnyConfig], flags: dict[str, object]) -> AnyConfig:
+    """The config of a script's flags; flags that are each fine but not together (`--codec` without `--cache`)
+    refused as the parser refuses a bad flag, in one line."""
+    try:
+        return kind.from_flags(flags)
+    except InputError as error:
+        parser.error(str(error))
+
+
 def pretrain_script(dataset: str, method: str, script_file: str, argv: list[str] | None = None) -> int:
     """Entry point of every dataset folder's pretraining scripts."""
     folder = Path(script_file).resolve().parent
     script = script_name(dataset, script_file)
-    args = parse_with_config(pretrain_parser(dataset, method, folder), script, PretrainConfig, argv)
+    parser = pretrain_parser(dataset, method, folder)
+    args = parse_with_config(parser, script, PretrainConfig, argv)
     runs, splits = default_folders(folder, args)
     supervised = getattr(args, "supervised", False)
     default_run = f"{method}_super_{args.fraction}F" if supervised else method
-    config = PretrainConfig.from_flags({**vars(args), "method": method, "script": script,
-                                        "split_dir": args.split_dir or splits,
-                                        "output_dir": args.output_dir or runs / default_run})
+    config = settled_flags(parser, PretrainConfig, {**vars(args), "method": method, "script": script,
+                                                    "split_dir": args.split_dir or splits,
+                                                    "output_dir": args.output_dir or runs / default_run})
     from mirl.edge import guarded  # after parsing: see the module's docstring
     from mirl.pretrain import pretrain
     return guarded(lambda: pretrain(bound_dataset(dataset, config), config))
@@ -317,12 +328,13 @@ def downstream_script(dataset: str, method: str, script_file: str, argv: list[st
     """Entry point of every dataset folder's downstream scripts."""
     folder = Path(script_file).resolve().parent
     script = script_name(dataset, script_file)
-    args = parse_with_config(downstream_parser(dataset, method, folder), script, DownstreamConfig, argv)
+    parser = downstream_parser(dataset, method, folder)
+    args = parse_with_config(parser, script, DownstreamConfig, argv)
     runs, splits = default_folders(folder, args)
-    config = DownstreamConfig.from_flags({**vars(args), "method": method, "script": script,
-                                          "split_dir": args.split_dir or splits,
-                                          "output_dir": args.output_dir or runs / downstream_run_name(method, args),
-                                          "pretrained": args.pretrained or runs / method / CHECKPOINT_NAME})
+    config = settled_flags(parser, DownstreamConfig, {
+        **vars(args), "method": method, "script": script, "split_dir": args.split_dir or splits,
+        "output_dir": args.output_dir or runs / downstream_run_name(method, args),
+        "pretrained": args.pretrained or runs / method / CHECKPOINT_NAME})
     from mirl.downstream import downstream  # after parsing: see the module's docstring
     from mirl.edge import guarded
     return guarded(lambda: downstream(bound_dataset(dataset, config), config))

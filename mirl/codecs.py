@@ -86,7 +86,8 @@ class Codec:
     def decode(self, data: bytes, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         """An item back from its bytes, `shape` and `dtype` as stored."""
         if self.name == "zstd":
-            return np.frombuffer(_decompressor().decompress(data), dtype=dtype).reshape(shape)
+            # a writable array (torch refuses to share a read-only buffer): decompressed into a bytearray
+            return np.frombuffer(bytearray(_decompressor().decompress(data)), dtype=dtype).reshape(shape)
         if self.name == "jpeg":
             import simplejpeg
             pixels = simplejpeg.decode_jpeg(data, colorspace="RGB" if shape[0] == 3 else "GRAY")

@@ -14,10 +14,12 @@ unreadable source file is; a shard cut short or missing is found when the store 
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
 import tarfile
+import warnings
 import zlib
 from pathlib import Path
 
@@ -127,10 +129,12 @@ class ShardedImageStore:
             os.close(descriptor)
 
     def decoding_on(self, device: torch.device | None) -> ShardedImageStore:
-        """Hand JPEG items over encoded, to be decoded a batch at a time on `device` (`decode_batch`); None: each
-        item decodes where it is read (the loader's workers)."""
-        self.decode_on = device if device is not None and self.codec.decodes_on_gpu else None
-        return self
+        """This store handing JPEG items over encoded, to be decoded a batch at a time on `device`
+        (`decode_batch`); None: each item decodes where it is read (the loader's workers)."""
+        store = copy.copy(self)
+        store.decode_on = device if device is not None and self.codec.decodes_on_gpu else None
+        store._files = {}
+        return store
 
     def row(self, record: ImageRecord) -> int | None:
         return self.rows.get(source_key(record))
@@ -193,7 +197,7 @@ class ShardedImageStore:
     def decode_batch(self, items: list[torch.Tensor], ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch of encoded JPEG items decoded in one call on `decode_on` (nvJPEG on a GPU), as N x C x H x W
         uint8 there; an item that does not decode becomes blank and not ok."""
-        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg  # nvJPEG on CUDA, libjpeg-turbo on the CPU
         mode = ImageReadMode.RGB if self.shape[0] == 3 else ImageReadMode.GRAY
         images = torch.zeros((len(items), *self.shape), dtype=torch.uint8, device=self.decode_on)
         ok = ok.clone()
@@ -201,15 +205,18 @@ class ShardedImageStore:
             if ok[i] and items[i].dim() > 1:  # a record the store does not hold, decoded from its file
                 images[i] = items[i].to(self.decode_on)
         good = [i for i in range(len(items)) if ok[i] and items[i].dim() == 1]
-        try:
-            decoded = decode_jpeg([items[i] for i in good], mode=mode, device=self.decode_on) if good else []
-        except RuntimeError:  # one bad item fails the batched call: decode one at a time to find it
-            decoded = []
-            for i in good:
-                try:
-                    decoded.append(decode_jpeg(items[i], mode=mode, device=self.decode_on))
-                except RuntimeError:
-                    decoded.append(None)
+        with warnings.catch_warnings():
+            # torchvision 0.29 marks its decoders deprecated for TorchCodec's decode_jpeg (the same call, README)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                decoded = decode_jpeg([items[i] for i in good], mode=mode, device=self.decode_on) if good else []
+            except RuntimeError:  # one bad item fails the batched call: decode one at a time to find it
+                decoded = []
+                for i in good:
+                    try:
+                        decoded.append(decode_jpeg(items[i], mode=mode, device=self.decode_on))
+                    except RuntimeError:
+                        decoded.append(None)
         for i, image in zip(good, decoded):
             if image is None or tuple(image.shape) != self.shape:
                 ok[i] = False
