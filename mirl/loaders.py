@@ -38,6 +38,9 @@ class EpochSampler(Sampler[int]):
                  partners: list[list[int]] | None = None, shards: np.ndarray | None = None) -> None:
         self.size, self.seed, self.drop_last, self.passes, self.partners = size, seed, drop_last, passes, partners
         self.shards = shards
+        if shards is not None:  # each shard's indices, in index order: found once, not at every epoch
+            _, members = np.unique(shards, return_inverse=True)
+            self.by_shard = np.split(np.argsort(members, kind="stable"), np.cumsum(np.bincount(members))[:-1])
         self.indices, self.paired_with = self.draw(0)
 
     def order(self, epoch: int) -> list[int]:
@@ -47,7 +50,7 @@ class EpochSampler(Sampler[int]):
     def draw(self, epoch: int) -> tuple[list[int], list[int] | None]:
         """This rank's anchors of `epoch` and, when pairing, their partners."""
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-        if self.shards is not None and len(np.unique(self.shards)) >= world_size():
+        if self.shards is not None and len(self.by_shard) >= world_size():
             return self.draw_shards(generator)
         permutation = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(self.passes)])
         partners = None
@@ -67,13 +70,11 @@ class EpochSampler(Sampler[int]):
 
     def draw_shards(self, generator: torch.Generator) -> tuple[list[int], list[int] | None]:
         """This rank's anchors (and partners) of an epoch whose passes deal whole shards to ranks."""
-        world, this_rank = world_size(), rank()
-        names, members = np.unique(self.shards, return_inverse=True)
-        by_shard = [np.flatnonzero(members == i) for i in range(len(names))]
+        world, this_rank, by_shard = world_size(), rank(), self.by_shard
         anchors: list[int] = []
         partners: list[int] | None = None if self.partners is None else []
         for _ in range(self.passes):
-            order = torch.randperm(len(names), generator=generator).tolist()
+            order = torch.randperm(len(by_shard), generator=generator).tolist()
             # every rank draws every rank's order from the one stream, so all agree on the shares' sizes
             shares = [np.concatenate([by_shard[i] for i in order[r::world]]) for r in range(world)]
             shares = [share[torch.randperm(len(share), generator=generator).numpy()] for share in shares]
@@ -82,9 +83,9 @@ class EpochSampler(Sampler[int]):
             mine = np.resize(shares[this_rank], length)  # padded by wrapping, or cut
             anchors += mine.tolist()
             if partners is not None:
-                readable_here = set(shares[this_rank].tolist())
+                in_my_shards = set(shares[this_rank].tolist())
                 for i, draw in zip(mine.tolist(), np.resize(draws[this_rank].numpy(), length).tolist()):
-                    candidates = [j for j in self.partners[i] if j in readable_here]
+                    candidates = [j for j in self.partners[i] if j in in_my_shards]
                     partners.append(candidates[draw % len(candidates)] if candidates else i)
         return anchors, partners
 
