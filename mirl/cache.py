@@ -20,6 +20,7 @@ temporary folder and renamed when complete, so an interrupted build is never mis
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import itertools
 import json
@@ -41,7 +42,7 @@ from mirl.datasets import DATASETS, DatasetDescription, ImageRecord, source_file
 from mirl.edge import guarded
 from mirl.errors import InputError, OutputError
 from mirl.flags import OneLineParser, image_size, non_negative_int, positive_float, volume_side
-from mirl.run_files import progress
+from mirl.run_files import progress, readable_text
 from mirl.shards import ShardedImageStore, ShardWriter, records_per_shard, shard_layout, shard_name
 from mirl.spatial import InputSpace, input_space, settled_inputs
 
@@ -50,6 +51,7 @@ from mirl.spatial import InputSpace, input_space, settled_inputs
 CACHE_FORMAT = 2
 SHARD_FORMAT = 1  # bump when the shard layout changes (the tar members, the index, the patient order)
 IMAGES_FILE, READABLE_FILE, INDEX_FILE = "images.npy", "readable.npy", "index.json"
+UNREADABLE_FILE = "unreadable.csv"  # the sources a build could not read, and why
 
 
 def dataset_images(description: DatasetDescription, root: Path) -> list[ImageRecord]:
@@ -168,45 +170,74 @@ def build_cache(records: list[ImageRecord], inputs: InputSpace, folder: Path, wo
     array (raw), or shards of items encoded by `codec` with rows in patient order (`description` says patients)."""
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     partial.mkdir(parents=True)
-    shape, dtype = inputs.stored_item
     try:
-        if not codec.is_raw:
-            groups = list(itertools.chain.from_iterable(worker_loader(PatientKeys(description, records), workers,
-                                                                      256, list)))
-            order = sorted(range(len(records)), key=lambda i: (groups[i], source_key(records[i])))
-            records, groups = [records[i] for i in order], [groups[i] for i in order]
-        unlabelled = [replace(r, labels=None) for r in records]  # pixels only: labels live in the readers
-        items = inputs.dataset(unlabelled, num_classes=0)
-        batch = 64 if inputs.volume is None else 4
-        desc = f"decoding into {folder.name}"
         if codec.is_raw:
-            images = np.lib.format.open_memmap(partial / IMAGES_FILE, mode="w+", dtype=dtype,
-                                               shape=(len(records), *shape))
-            readable = np.zeros(len(records), dtype=bool)
-            row = 0
-            for batch_images, _, ok in progress(worker_loader(items, workers, batch), desc=desc, unit="batch"):
-                images[row:row + len(batch_images)] = batch_images.numpy()
-                readable[row:row + len(batch_images)] = ok.numpy()
-                row += len(batch_images)
-            images.flush()
-            del images
-            np.save(partial / READABLE_FILE, readable)
-            index = {}
+            index, readable = write_array(records, inputs, partial, workers)
         else:
-            target, most = records_per_shard(len(records), int(np.prod(shape)) * np.dtype(dtype).itemsize)
-            writer = ShardWriter(partial, codec, shard_layout(groups, target, most))
-            for encoded in progress(worker_loader(EncodedItems(items, codec), workers, batch, list), desc=desc,
-                                    unit="batch"):
-                for data in encoded:
-                    writer.add(data)
-            writer.close()
-            index = {"item": {"shape": list(shape), "dtype": str(np.dtype(dtype))}, "records_per_shard": [target, most],
-                     "shards": [{"file": shard_name(i), "bytes": size} for i, size in enumerate(writer.sizes)]}
+            records, index, readable = write_shards(records, inputs, partial, workers, codec, description)
         (partial / INDEX_FILE).write_text(json.dumps({**settings, **index,
                                                       "sources": [source_key(r) for r in records]}))
+        list_unreadable(records, inputs, readable, partial / UNREADABLE_FILE)
         os.replace(partial, folder)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def decoded_items(records: list[ImageRecord], inputs: InputSpace) -> Dataset:
+    """The records' pixels only, as a cache stores them (labels live in the readers)."""
+    return inputs.dataset([replace(r, labels=None) for r in records], num_classes=0)
+
+
+def write_array(records: list[ImageRecord], inputs: InputSpace, folder: Path, workers: int) -> dict:
+    """The raw cache: every item decoded into one memory-mapped array, and which sources were readable."""
+    shape, dtype = inputs.stored_item
+    images = np.lib.format.open_memmap(folder / IMAGES_FILE, mode="w+", dtype=dtype, shape=(len(records), *shape))
+    readable = np.zeros(len(records), dtype=bool)
+    row = 0
+    loader = worker_loader(decoded_items(records, inputs), workers, 64 if inputs.volume is None else 4)
+    for batch, _, ok in progress(loader, desc=f"decoding into {folder.name}", unit="batch"):
+        images[row:row + len(batch)] = batch.numpy()
+        readable[row:row + len(batch)] = ok.numpy()
+        row += len(batch)
+    images.flush()
+    del images
+    np.save(folder / READABLE_FILE, readable)
+    return {}, readable
+
+
+def write_shards(records: list[ImageRecord], inputs: InputSpace, folder: Path, workers: int, codec: Codec,
+                 description: DatasetDescription) -> tuple[list[ImageRecord], dict, np.ndarray]:
+    """The compressed store: records put in patient order (their patients read by the workers), decoded and
+    encoded by the workers, written into shards that close at patient boundaries. Returns the records in the
+    store's order, the index's entries and which sources were readable."""
+    groups = list(itertools.chain.from_iterable(worker_loader(PatientKeys(description, records), workers, 256,
+                                                              list)))
+    order = sorted(range(len(records)), key=lambda i: (groups[i], source_key(records[i])))
+    records, groups = [records[i] for i in order], [groups[i] for i in order]
+    shape, dtype = inputs.stored_item
+    target, most = records_per_shard(len(records), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    writer = ShardWriter(folder, codec, shard_layout(groups, target, most))
+    loader = worker_loader(EncodedItems(decoded_items(records, inputs), codec), workers,
+                           64 if inputs.volume is None else 4, list)
+    for encoded in progress(loader, desc=f"encoding into {folder.name}", unit="batch"):
+        for data in encoded:
+            writer.add(data)
+    rows = writer.close()
+    return records, {"item": {"shape": list(shape), "dtype": str(np.dtype(dtype))}, "records_per_shard": [target, most],
+                     "shards": [{"file": shard_name(i), "bytes": size} for i, size in enumerate(writer.sizes)]}, \
+        rows["readable"]
+
+
+def list_unreadable(records: list[ImageRecord], inputs: InputSpace, readable: np.ndarray, path: Path) -> None:
+    """List the sources that could not be read, with their readers' reasons, beside the cache (`unreadable.csv`):
+    skipped, never silently. Runs list them again in their own `skipped.csv` when they meet them."""
+    bad = np.flatnonzero(~readable)
+    if len(bad) == 0:
+        return
+    items = decoded_items(records, inputs)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("source", "reason"), *((readable_text(source_key(records[i])),
+                                                           readable_text(items.why_unreadable(int(i)))) for i in bad)])
 
 
 def worker_loader(dataset: Dataset, workers: int, batch_size: int,
@@ -315,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                            args.codec)
         unreadable = int((~cache.readable).sum())
         shards = f" in {len(cache.shards)} shards of {cache.codec}" if isinstance(cache, ShardedImageStore) else ""
-        print(f"{cache.folder}: {len(cache.readable)} images{shards}, {unreadable} unreadable")
+        listed = f" (listed in {cache.folder / UNREADABLE_FILE})" if unreadable else ""
+        print(f"{cache.folder}: {len(cache.readable)} images{shards}, {unreadable} unreadable{listed}")
     return guarded(build)
 
 

@@ -93,7 +93,7 @@ class PairedImages(Dataset):
         return self.images.item_shards()
 
     @property
-    def decode_on(self):
+    def decode_on(self) -> torch.device | None:
         return self.images.decode_on
 
     def decode_batch(self, items: list[torch.Tensor], ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -262,6 +262,20 @@ def test_a_store_of_other_settings_is_refused_and_a_full_disk_leaves_nothing(rsn
     assert list((tmp_path / "full").iterdir()) == []  # the partial store is gone
 
 
+def test_an_unreadable_source_is_stored_as_unreadable_and_listed_at_build(rsna_root, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(rsna_root, root)
+    victim = sorted((root / "stage_2_train").glob("*.dcm"))[3]
+    victim.write_bytes(b"not a DICOM")
+    assert mirl.cache.main(["rsna", "--data-root", str(root), "--cache", str(tmp_path / "cache"), "--image-size",
+                            "32", "--codec", "png", "--workers", "0"]) == 0
+    assert "1 unreadable (listed in" in capsys.readouterr().out
+    store = mirl.cache.built_cache(next((tmp_path / "cache").iterdir()))
+    rows = (store.folder / "unreadable.csv").read_text().splitlines()
+    assert rows[0] == "source,reason" and len(rows) == 2 and rows[1].startswith(f"{victim},")
+    assert not store.readable[store.rows[str(victim)]] and store.readable.sum() == len(store.readable) - 1
+
+
 def test_volumes_store_in_zstd(acdc_root, tmp_path):
     from mirl.spatial import InputSpace
     from mirl.volumes import VolumeGeometry

@@ -214,8 +214,9 @@ class DecodingDataset(Dataset):
             self.decode(self.records[index])
         except Exception as error:
             return str(error) or type(error).__name__
-        return self.cache.why_unreadable(int(self.cache_rows[index])) if self.cache is not None \
-            else "unreadable when first read"
+        if self.cache_rows is not None and self.cache_rows[index] >= 0:
+            return self.cache.why_unreadable(int(self.cache_rows[index]))
+        return "unreadable when first read"
 
     def item_shards(self) -> np.ndarray | None:
         """The store shard each record is read from (-1: decoded from its file), None unless the cache is a
@@ -223,7 +224,7 @@ class DecodingDataset(Dataset):
         return None if self.cache is None else self.cache.shard_of(self.cache_rows)
 
     @property
-    def decode_on(self):
+    def decode_on(self) -> torch.device | None:
         """The device a batch's encoded items decode on (`mirl.shards`), None when items arrive decoded."""
         return None if self.cache is None else self.cache.decode_on
 
