@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY, assert_one_line_error, run_in_process, run_script
+from conftest import TINY, assert_one_line_error, run_in_process
 from PIL import Image
 from test_distributed import free_port
 
@@ -299,19 +299,25 @@ def test_codec_flags_refused_in_one_line(rsna_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_scripts_train_from_compressed_stores(rsna_root, tmp_path):
-    """Pretraining from a JPEG store with same-patient positives, then fine-tuning from a zstd store, resumed
-    with another codec refused."""
-    common = ["--data-root", rsna_root, "--split-dir", tmp_path / "splits", "--cache", tmp_path / "cache", *TINY]
-    result = run_in_process("RSNA_MoCo", "trainMoCoV2.py", "--output-dir", tmp_path / "run", *common,
-                            "--codec", "jpeg", "--positives", "patient")
+def test_a_run_from_a_store_killed_mid_epoch_resumes_to_identical_weights(rsna_root, tmp_path):
+    """MoCo v2 from a JPEG store with same-patient positives, killed at a state in its second epoch (past several
+    shard boundaries) and resumed, equals the unbroken run; fine-tuning reads a zstd store; the run resumed with
+    another codec is refused in one line."""
+    from test_resume import PRETRAIN, assert_identical, killed_then_resumed, weights
+    common = ["--data-root", rsna_root, "--split-dir", tmp_path / "splits", "--cache", tmp_path / "cache"]
+    stored = [*common, *PRETRAIN, "--codec", "jpeg", "--positives", "patient"]
+    result = run_in_process("RSNA_MoCo", "trainMoCoV2.py", *stored, "--output-dir", tmp_path / "unbroken")
     assert result.returncode == 0, result.stderr
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config = json.loads((tmp_path / "unbroken" / "config.json").read_text())
     assert config["identity"]["codec"] == "jpeg:95" and config["images_with_a_partner"] > 0
-    result = run_in_process("RSNA_MoCo", "MoCov2_downstream.py", "--output-dir", tmp_path / "down", *common,
-                            "--pretrained", tmp_path / "run" / "checkpoint.pth", "--codec", "zstd:1")
+    killed_then_resumed("trainMoCoV2.py", stored, tmp_path / "resumed", "state-e0001-b000002.pth")
+    assert_identical(weights(tmp_path / "unbroken" / "checkpoint.pth"),
+                     weights(tmp_path / "resumed" / "checkpoint.pth"))
+    result = run_in_process("RSNA_MoCo", "MoCov2_downstream.py", "--output-dir", tmp_path / "down", *common, *TINY,
+                            "--pretrained", tmp_path / "unbroken" / "checkpoint.pth", "--codec", "zstd:1")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name.split("-")[2] for p in (tmp_path / "cache").iterdir()) == ["jpeg95", "zstd1"]
-    result = run_script("RSNA_MoCo", "trainMoCoV2.py", "--output-dir", tmp_path / "run", *common,
-                        "--codec", "jpeg:90", "--positives", "patient", "--resume", "auto", "--epochs", "2")
+    changed = [*stored[:-4], "--codec", "jpeg:90", "--positives", "patient"]
+    result = run_in_process("RSNA_MoCo", "trainMoCoV2.py", *changed, "--output-dir", tmp_path / "resumed",
+                            "--resume", "auto", "--epochs", "3")
     assert_one_line_error(result, "codec")
