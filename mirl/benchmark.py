@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from mirl.augment import IMAGENET_MEAN, IMAGENET_STD, REFERENCE_SIZE, AugmentRecipe, view_recipe
-from mirl.cache import dataset_images, open_cache
+from mirl.cache import DecodedImageCache, dataset_images, open_cache
 from mirl.codecs import codec_flag
 from mirl.config import SPATIAL_DIMS, RunConfig
 from mirl.datasets import DATASETS, DatasetDescription, ImageRecord, decode_record
@@ -70,6 +70,7 @@ from mirl.pretrain import build_optimizer, training_recipe
 from mirl.pretraining_method import PretrainingMethod
 from mirl.runtime import precision_name, prepare_network, resolve_device, resolve_precision
 from mirl.sample_data import write_rsna
+from mirl.shards import ShardedImageStore
 from mirl.spatial import InputSpace, input_space, settled_inputs
 from mirl.teacher import momentum_teachers
 from mirl.training import TrainingStep
@@ -330,11 +331,11 @@ def run_benchmark(args: argparse.Namespace, data_root: Path, cache_root: Path) -
     }
 
 
-def store_figures(cache: object, decoded: Dataset, records: list[ImageRecord], sample: int = 100) -> dict:
+def store_figures(cache: DecodedImageCache | ShardedImageStore, decoded: Dataset, records: list[ImageRecord],
+                  sample: int = 100) -> dict:
     """What the store costs and keeps: its codec, bytes per item on disk, and on up to `sample` items its fidelity
     to the uncompressed decode (PSNR of 8-bit images, mean and lowest; the largest grey-level error)."""
     rows = [cache.row(record) for record in records]
-    on_disk = sum(cache.shard_bytes) if hasattr(cache, "shard_bytes") else cache.images.nbytes
     errors, psnrs = [], []
     for index in np.linspace(0, len(records) - 1, min(sample, len(records))).astype(int):
         stored, readable = cache.read(rows[index])
@@ -345,8 +346,8 @@ def store_figures(cache: object, decoded: Dataset, records: list[ImageRecord], s
         errors.append(float(np.abs(difference).max()))
         mse = float(np.mean(difference ** 2))
         psnrs.append(math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse))
-    return {"codec": str(getattr(cache, "codec", "raw")), "store_kb_per_item": on_disk / len(records) / 1024,
-            "shards": len(getattr(cache, "shards", [])) or None,
+    return {"codec": str(cache.codec), "store_kb_per_item": cache.bytes_on_disk / len(records) / 1024,
+            "shards": len(cache.shards) or None,
             "psnr_mean_db": float(np.mean(psnrs)) if psnrs else None,
             "psnr_min_db": float(np.min(psnrs)) if psnrs else None,
             "max_error": max(errors, default=None)}
@@ -439,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             cache = args.cache or Path(scratch) / "cache"
             runs = {f"{method} {codec}": run_benchmark(argparse.Namespace(**{**vars(args), "method": method,
                                                                              "codec": codec}), data_root, cache)
-                    for method in args.method for codec in args.codec}
+                    for method in (args.method[:1] if args.store_only else args.method) for codec in args.codec}
         results = next(iter(runs.values())) if len(runs) == 1 else runs
         if len(runs) > 1:
             print(side_by_side(runs))

@@ -90,6 +90,7 @@ class DecodedImageCache:
     """
 
     decode_on = None  # items always decode where they are read
+    codec, shards = RAW, ()  # uncompressed, one array
 
     def __init__(self, folder: Path, index: dict | None = None) -> None:
         self.folder = folder
@@ -112,6 +113,10 @@ class DecodedImageCache:
 
     def read(self, row: int) -> tuple[torch.Tensor, bool]:
         return torch.from_numpy(np.array(self.images[row])), bool(self.readable[row])
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return self.images.nbytes
 
     def shard_of(self, rows: np.ndarray) -> None:
         """None: one memory-mapped array, no shards."""

@@ -139,6 +139,10 @@ class ShardedImageStore:
     def row(self, record: ImageRecord) -> int | None:
         return self.rows.get(source_key(record))
 
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum(self.shard_bytes)
+
     def damage(self, images: int) -> str | None:
         """What is wrong with the built store (an item count of another dataset, a shard missing, cut short or
         not in the index), None when it is whole. Sizes only: a flipped byte shows in its item's CRC-32."""
