@@ -92,9 +92,8 @@ class DecodedImageCache:
     decode_on = None  # items always decode where they are read
     codec, shards = RAW, ()  # uncompressed, one array
 
-    def __init__(self, folder: Path, index: dict | None = None) -> None:
+    def __init__(self, folder: Path, index: dict) -> None:
         self.folder = folder
-        index = index or json.loads((folder / INDEX_FILE).read_text())
         self.rows = {key: row for row, key in enumerate(index["sources"])}
         self.readable = np.load(folder / READABLE_FILE)
         self._images: np.ndarray | None = None
@@ -193,13 +192,19 @@ def decoded_items(records: list[ImageRecord], inputs: InputSpace) -> Dataset:
     return inputs.dataset([replace(r, labels=None) for r in records], num_classes=0)
 
 
-def write_array(records: list[ImageRecord], inputs: InputSpace, folder: Path, workers: int) -> dict:
+def build_batch_size(inputs: InputSpace) -> int:
+    """Items a build's worker decodes per batch: images in dozens, volumes (hundreds of slices each) a few."""
+    return 64 if inputs.volume is None else 4
+
+
+def write_array(records: list[ImageRecord], inputs: InputSpace, folder: Path, workers: int
+                ) -> tuple[dict, np.ndarray]:
     """The raw cache: every item decoded into one memory-mapped array, and which sources were readable."""
     shape, dtype = inputs.stored_item
     images = np.lib.format.open_memmap(folder / IMAGES_FILE, mode="w+", dtype=dtype, shape=(len(records), *shape))
     readable = np.zeros(len(records), dtype=bool)
     row = 0
-    loader = worker_loader(decoded_items(records, inputs), workers, 64 if inputs.volume is None else 4)
+    loader = worker_loader(decoded_items(records, inputs), workers, build_batch_size(inputs))
     for batch, _, ok in progress(loader, desc=f"decoding into {folder.name}", unit="batch"):
         images[row:row + len(batch)] = batch.numpy()
         readable[row:row + len(batch)] = ok.numpy()
@@ -222,8 +227,8 @@ def write_shards(records: list[ImageRecord], inputs: InputSpace, folder: Path, w
     shape, dtype = inputs.stored_item
     target, most = records_per_shard(len(records), int(np.prod(shape)) * np.dtype(dtype).itemsize)
     writer = ShardWriter(folder, codec, shard_layout(groups, target, most))
-    loader = worker_loader(EncodedItems(decoded_items(records, inputs), codec), workers,
-                           64 if inputs.volume is None else 4, list)
+    loader = worker_loader(EncodedItems(decoded_items(records, inputs), codec), workers, build_batch_size(inputs),
+                           list)
     for encoded in progress(loader, desc=f"encoding into {folder.name}", unit="batch"):
         for data in encoded:
             writer.add(data)
@@ -291,9 +296,9 @@ def open_cache(description: DatasetDescription, root: Path, inputs: InputSpace |
     return cache or built_cache(folder)
 
 
-def built_cache(folder: Path) -> DecodedImageCache | ShardedImageStore:
-    """The cache or store built in `folder`, opened as what its index says it is."""
-    index = json.loads((folder / INDEX_FILE).read_text())
+def built_cache(folder: Path, index: dict | None = None) -> DecodedImageCache | ShardedImageStore:
+    """The cache or store built in `folder` (its index, when already read), opened as what the index says it is."""
+    index = index or json.loads((folder / INDEX_FILE).read_text())
     return DecodedImageCache(folder, index) if "codec" not in index else ShardedImageStore(folder, index)
 
 
@@ -311,7 +316,7 @@ def intact_cache(folder: Path, images: int, settings: dict[str, object]
             raise InputError(f"the cache {folder} was built with other settings than its name says "
                              f"({', '.join(f'{k} {index.get(k)!r}, not {settings[k]!r}' for k in changed[:3])}); "
                              "remove it and the next run builds it again")
-        cache = built_cache(folder)
+        cache = built_cache(folder, index)
         damage = cache.damage(images)
         if damage is None:
             return cache

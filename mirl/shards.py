@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import os
 import tarfile
 import warnings
@@ -108,9 +107,8 @@ class ShardedImageStore:
     device, its encoded bytes) and whether it was readable. Shard files are opened lazily in each process and
     read with `pread`, so the object pickles cheaply into DataLoader workers and workers share no file offset."""
 
-    def __init__(self, folder: Path, index: dict | None = None) -> None:
+    def __init__(self, folder: Path, index: dict) -> None:
         self.folder = folder
-        index = index or json.loads((folder / "index.json").read_text())
         self.codec = parse_codec(index["codec"])
         self.shape, self.dtype = tuple(index["item"]["shape"]), index["item"]["dtype"]
         self.shards = [entry["file"] for entry in index["shards"]]
